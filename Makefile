@@ -1,0 +1,45 @@
+# The two commands: `make run` (serve the bundled models) and `make test` (the whole suite).
+# Both create .venv with the interpreter in $(PYTHON) when needed and are idempotent.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+
+.PHONY: run test lint typecheck models schema clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet -c constraints.txt -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+run: $(VENV)/.runtime
+	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --models models --policies policies
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy gateway
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy gateway
+
+models: $(VENV)/.dev  ## regenerate the example model repository from its seed
+	$(BIN)/python models/build_credit_risk.py
+
+schema: $(VENV)/.runtime  ## regenerate policies/policy.schema.json from the pydantic model
+	$(BIN)/gateway policy schema --output policies/policy.schema.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

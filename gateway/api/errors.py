@@ -1,0 +1,52 @@
+"""The one table from gateway errors to HTTP statuses, and the protocol's error body."""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+from gateway.errors import (
+    GatewayError,
+    InferenceFailed,
+    MalformedRequest,
+    ModelNotFound,
+    RequestTooLarge,
+    SchemaViolation,
+    Unavailable,
+    VersionNotFound,
+    ViolationError,
+)
+
+#: error class -> (HTTP status, outcome label for metrics)
+STATUS: dict[type[GatewayError], tuple[int, str]] = {
+    MalformedRequest: (400, "malformed"),
+    RequestTooLarge: (413, "too_large"),
+    SchemaViolation: (422, "invalid"),
+    ModelNotFound: (404, "not_found"),
+    VersionNotFound: (404, "not_found"),
+    Unavailable: (503, "unavailable"),
+    InferenceFailed: (500, "error"),
+}
+
+
+def status_of(error: GatewayError) -> tuple[int, str]:
+    """HTTP status and outcome label of an error (500/"error" for anything unlisted)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500, "error"
+
+
+def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response serialised with orjson."""
+    return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """`{"error": "..."}` with the listed violations, under the status the table gives."""
+    status, _ = status_of(error)
+    body: dict[str, object] = {"error": error.message}
+    if isinstance(error, ViolationError):
+        body["violations"] = [v.as_dict() for v in error.violations.items]
+        body["violation_count"] = error.violations.total
+    return json_response(body, status, headers)

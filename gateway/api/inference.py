@@ -1,0 +1,102 @@
+"""Inference routes: Open Inference Protocol v2 and KServe v1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.api.body import header_length, read_body
+from gateway.api.errors import error_response, status_of
+from gateway.codec import Answer, DecodedRequest, decode_v1, decode_v2, encode_v1, encode_v2
+from gateway.errors import GatewayError, SchemaViolation
+from gateway.telemetry import UNKNOWN_MODEL
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+router = APIRouter()
+
+Decode = Callable[[bytes, Request], DecodedRequest]
+Encode = Callable[[Answer, DecodedRequest], tuple[bytes, dict[str, str], str]]
+
+
+def _decode_v2(body: bytes, request: Request) -> DecodedRequest:
+    return decode_v2(body, header_length(request))
+
+
+def _encode_v2(answer: Answer, decoded: DecodedRequest) -> tuple[bytes, dict[str, str], str]:
+    body, headers = encode_v2(answer, decoded)
+    media = "application/octet-stream" if headers else "application/json"
+    return body, headers, media
+
+
+def _decode_v1(body: bytes, request: Request) -> DecodedRequest:
+    return decode_v1(body)
+
+
+def _encode_v1(answer: Answer, decoded: DecodedRequest) -> tuple[bytes, dict[str, str], str]:
+    return encode_v1(answer), {}, "application/json"
+
+
+async def _serve(request: Request, protocol: str, model: str, version: str | None,
+                 decode: Decode, encode: Encode) -> Response:
+    """Read, decode, run the pipeline, encode; record the outcome of every request once."""
+    gateway: Gateway = request.app.state.gateway
+    metrics = gateway.metrics
+    started = time.perf_counter()
+    label = model if model in gateway.snapshot.models else UNKNOWN_MODEL
+    request_id = request.headers.get("x-request-id")
+    try:
+        body = await read_body(request, gateway.settings.max_body_bytes)
+        decoded = decode(body, request)
+        answer, batch = await gateway.pipeline.infer(model, version, decoded.columns, decoded.outputs,
+                                                     decoded.id or request_id)
+    except GatewayError as exc:
+        _, outcome = status_of(exc)
+        metrics.requests.labels(label, version or "", protocol, outcome).inc()
+        if isinstance(exc, SchemaViolation) and label != UNKNOWN_MODEL:
+            for reason, count in exc.violations.by_reason.items():
+                metrics.validation_failures.labels(label, reason).inc(count)
+        headers = {"X-Request-Id": request_id} if request_id else None
+        return error_response(exc, headers)
+
+    answer.parameters["route"] = "pinned" if version is not None else "stable"
+    payload, headers, media = encode(answer, decoded)
+    headers["X-Model-Version"] = answer.version
+    headers["X-Request-Id"] = answer.request_id
+    headers["X-Route"] = answer.parameters["route"]
+    metrics.requests.labels(label, answer.version, protocol, "ok").inc()
+    metrics.latency.labels(label, answer.version).observe(time.perf_counter() - started)
+    metrics.rows.labels(label, answer.version).inc(answer.rows)
+    if batch.ignored_fields:
+        metrics.ignored_fields.labels(label).inc(len(batch.ignored_fields))
+    return Response(payload, media_type=media, headers=headers)
+
+
+@router.post("/v2/models/{model}/infer")
+async def infer_v2(model: str, request: Request) -> Response:
+    """OIP v2 inference on the model's current version."""
+    return await _serve(request, "v2", model, None, _decode_v2, _encode_v2)
+
+
+@router.post("/v2/models/{model}/versions/{version}/infer")
+async def infer_v2_version(model: str, version: str, request: Request) -> Response:
+    """OIP v2 inference pinned to one version."""
+    return await _serve(request, "v2", model, version, _decode_v2, _encode_v2)
+
+
+@router.post("/v1/models/{model}:predict")
+async def predict_v1(model: str, request: Request) -> Response:
+    """KServe v1 prediction: `{"instances": [{feature: value, ...}, ...]}`."""
+    return await _serve(request, "v1", model, None, _decode_v1, _encode_v1)
+
+
+@router.post("/v1/models/{model}/versions/{version}:predict")
+async def predict_v1_version(model: str, version: str, request: Request) -> Response:
+    """KServe v1 prediction pinned to one version."""
+    return await _serve(request, "v1", model, version, _decode_v1, _encode_v1)

@@ -1,0 +1,107 @@
+"""The composition root: `create_app(settings)` builds every component in the lifespan and wires it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import __version__
+from gateway.api import health, inference
+from gateway.api.errors import json_response
+from gateway.pipeline import InferencePipeline
+from gateway.registry import Snapshot, build_snapshot
+from gateway.repository import ModelRepository
+from gateway.runtime import RuntimeOptions
+from gateway.settings import Settings
+from gateway.telemetry import Metrics
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    """Everything one running gateway owns; reachable from routes as `request.app.state.gateway`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.version = __version__
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads,
+                                           thread_name_prefix="inference")
+        self.repository = ModelRepository(
+            settings.models_dir,
+            RuntimeOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
+        )
+        self.snapshot = Snapshot(models={}, policy_problems=["models are still loading"])
+        self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor)
+
+    async def load(self) -> None:
+        """Load every model version and policy off the event loop, then publish the snapshot."""
+        snapshot = await asyncio.to_thread(
+            build_snapshot, self.repository, self.settings.policies_dir, self.settings.max_listed_violations)
+        self.publish(snapshot)
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` the one new requests see (a single assignment), and update gauges."""
+        self.snapshot = snapshot
+        m = self.metrics
+        for model in snapshot.models.values():
+            m.model_ready.labels(model.name).set(1 if model.ready else 0)
+            for version in model.versions:
+                m.version_ready.labels(model.name, version).set(1 if version in model.served else 0)
+        m.policy_problems.set(len(snapshot.policy_problems))
+        for problem in snapshot.policy_problems:
+            log.error("policy problem: %s", problem)
+        for reason in ([] if snapshot.ready else snapshot.not_ready_reasons()):
+            log.warning("not ready: %s", reason)
+
+    def close(self) -> None:
+        """Stop the worker threads (after in-flight runs finish)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A FastAPI app serving the model repository and policies named by `settings`."""
+    settings = settings or Settings()
+    gateway = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.load()
+        yield
+        gateway.close()
+
+    app = FastAPI(title="Safety-net inference gateway", version=__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.gateway = gateway
+    app.include_router(health.router)
+    app.include_router(inference.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
+        return json_response({"error": message}, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(request: Request, exc: RequestValidationError) -> Response:
+        return json_response({"error": "invalid request", "violations": exc.errors()}, 400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return json_response({"error": f"internal error ({type(exc).__name__}); see the gateway log"}, 500)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory gateway.app:app_from_env` (settings from GATEWAY_* only)."""
+    return create_app(Settings())

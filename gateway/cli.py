@@ -1,0 +1,113 @@
+"""The `gateway` command: serve, and check or describe policies.
+
+Exit codes: 0 success, 1 invalid input (a policy or card with problems), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Model-serving gateway with safety nets.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the model repository over HTTP",
+                                description="Serve the model repository (settings also from GATEWAY_* env).")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1, env GATEWAY_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (default 8080, env GATEWAY_PORT)")
+    serve.add_argument("--models", type=Path, dest="models_dir", help="model repository (default ./models)")
+    serve.add_argument("--policies", type=Path, dest="policies_dir", help="policy directory (default ./policies)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    policy = commands.add_parser("policy", help="check policy files or print their schema")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    check = policy_commands.add_parser("check", help="validate policy files against the schema and the models")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    check.add_argument("--models", type=Path, default=Path("models"), help="model repository (default ./models)")
+    schema = policy_commands.add_parser("schema", help="print (or write) the policy JSON Schema")
+    schema.add_argument("--output", type=Path, help="write to this file instead of standard output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.policy_command == "check":
+        return _policy_check(args.files, args.models)
+    return _policy_schema(args.output)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import Settings
+
+    overrides: dict[str, Any] = {k: v for k in ("host", "port", "models_dir", "policies_dir", "log_level")
+                                 if (v := getattr(args, k)) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"gateway: setting {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    if not settings.models_dir.is_dir():
+        print(f"gateway: model repository {settings.models_dir} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+    return EXIT_OK
+
+
+def _policy_check(files: list[Path], models_dir: Path) -> int:
+    from gateway.policy_check import check_policy_file
+
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        for f in missing:
+            print(f"gateway: no such file: {f}", file=sys.stderr)
+        return EXIT_USAGE
+    if not models_dir.is_dir():
+        print(f"gateway: model repository {models_dir} is not a directory (use --models)", file=sys.stderr)
+        return EXIT_USAGE
+    failed = 0
+    for path in files:
+        report = check_policy_file(path, models_dir)
+        for problem in report.errors:
+            print(f"{problem.describe()}")
+        for problem in report.warnings:
+            print(f"{problem.describe()} [warning]")
+        if report.ok:
+            print(f"{path}: ok" + (f" ({len(report.warnings)} warnings)" if report.warnings else ""))
+        else:
+            failed += 1
+            print(f"{path}: {len(report.errors)} error{'s' if len(report.errors) != 1 else ''}")
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _policy_schema(output: Path | None) -> int:
+    from gateway.policy import json_schema
+
+    text = json_schema()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Protocol bodies <-> request columns and answers: Open Inference Protocol v2 and KServe v1.
+
+Decoding checks only the protocol (well-formed JSON, tensors whose shape matches their data,
+known datatypes); what the model needs is the validator's job. Every problem is collected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import ValidationError
+
+from gateway.errors import MalformedRequest, Violation
+from gateway.tensors import NUMPY_DTYPES, BinaryDataError, decode_binary, encode_binary, flatten, to_json_data
+from gateway.validation import Column
+from gateway.wire import InferenceRequest
+from gateway.yamldoc import format_path
+
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass
+class DecodedRequest:
+    """A request reduced to what the pipeline needs, plus how the client wants the answer."""
+
+    columns: dict[str, Column]
+    id: str | None = None
+    outputs: list[str] | None = None
+    binary_outputs: set[str] = field(default_factory=set)
+    binary_by_default: bool = False
+
+
+@dataclass
+class Answer:
+    """What the pipeline produced for one request."""
+
+    model: str
+    version: str
+    request_id: str
+    outputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    rows: int
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _malformed(field_name: str, expected: str, got: str) -> Violation:
+    return Violation(field_name, "malformed", expected, got)
+
+
+def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
+    """Decode an OIP v2 inference body (JSON, or JSON followed by binary tensor data)."""
+    binary = b""
+    if header_length is not None:
+        if header_length == 0:
+            raise MalformedRequest([_malformed("Inference-Header-Content-Length", "the JSON header's length "
+                                               "(raw binary requests without a header are not supported)", "0")])
+        if header_length > len(body):
+            raise MalformedRequest([_malformed("Inference-Header-Content-Length",
+                                               f"at most the body length {len(body)}", str(header_length))])
+        body, binary = body[:header_length], body[header_length:]
+    try:
+        request = InferenceRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise MalformedRequest([_pydantic_violation(e) for e in exc.errors()]) from None
+
+    problems: list[Violation] = []
+    columns: dict[str, Column] = {}
+    offset = 0
+    for i, tensor in enumerate(request.inputs):
+        where = f"inputs[{i}] ({tensor.name})"
+        if tensor.name in columns:
+            problems.append(_malformed(where, "each input named once", "a second tensor of that name"))
+            continue
+        if tensor.datatype not in NUMPY_DTYPES:
+            problems.append(Violation(where, "datatype", f"one of {', '.join(NUMPY_DTYPES)}",
+                                      repr(tensor.datatype)))
+            continue
+        count = math.prod(tensor.shape)
+        size = (tensor.parameters or {}).get("binary_data_size")
+        values: list[Any] | np.ndarray
+        if tensor.data is None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                problems.append(_malformed(where, "`data`, or binary data with a binary_data_size parameter",
+                                           "neither"))
+                continue
+            if offset + size > len(binary):
+                problems.append(_malformed(where, f"{size} bytes of binary data",
+                                           f"{max(len(binary) - offset, 0)} bytes left in the body"))
+                continue
+            try:
+                values = decode_binary(memoryview(binary)[offset:offset + size], tensor.datatype, count)
+            except BinaryDataError as exc:
+                problems.append(_malformed(where, f"binary data for shape {tensor.shape}", str(exc)))
+                continue
+            offset += size
+        else:
+            values = flatten(tensor.data)
+            if len(values) != count:
+                problems.append(Violation(where, "shape", f"{count} values for shape {tensor.shape}",
+                                          f"{len(values)} values"))
+                continue
+        columns[tensor.name] = Column(tensor.name, values, tuple(tensor.shape), tensor.datatype)
+    if offset != len(binary):
+        problems.append(_malformed("body", f"{offset} bytes of binary data after the JSON header",
+                                   f"{len(binary)} bytes"))
+    if problems:
+        raise MalformedRequest(problems)
+
+    default_binary = (request.parameters or {}).get("binary_data_output") is True
+    outputs = None
+    binary_outputs: set[str] = set()
+    if request.outputs:
+        outputs = [o.name for o in request.outputs]
+        for o in request.outputs:
+            flag = (o.parameters or {}).get("binary_data")
+            if flag is True or (flag is None and default_binary):
+                binary_outputs.add(o.name)
+    return DecodedRequest(columns, request.id, outputs, binary_outputs, default_binary)
+
+
+def _pydantic_violation(error: Any) -> Violation:
+    loc = format_path(error.get("loc", ())) or "body"
+    if error.get("type") == "json_invalid":
+        return _malformed("body", "a JSON object", f"invalid JSON ({error.get('msg')})")
+    if error.get("type") == "model_type":
+        return _malformed("body", "a JSON object with `inputs`", type(error.get("input")).__name__)
+    got = "nothing" if error.get("type") == "missing" else repr(error.get("input"))[:60]
+    return _malformed(loc, error.get("msg", "a valid value"), got)
+
+
+def decode_v1(body: bytes) -> DecodedRequest:
+    """Decode a KServe v1 `{"instances": [{feature: value, ...}, ...]}` body into columns."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        payload = _loads_with_nan(body, exc)
+    if not isinstance(payload, dict) or "instances" not in payload:
+        raise MalformedRequest([_malformed("body", 'a JSON object {"instances": [...]}',
+                                           type(payload).__name__ if not isinstance(payload, dict)
+                                           else f"keys {sorted(payload)[:10]}")])
+    instances = payload["instances"]
+    if not isinstance(instances, list):
+        raise MalformedRequest([_malformed("instances", "a list of objects", type(instances).__name__)])
+    problems = [_malformed(f"instances[{i}]", "an object of feature: value", type(row).__name__)
+                for i, row in enumerate(instances) if not isinstance(row, dict)]
+    if problems:
+        raise MalformedRequest(problems)
+    names: dict[str, None] = {}
+    for row in instances:
+        names.update(dict.fromkeys(row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in instances]
+        absent = [i for i, row in enumerate(instances) if name not in row]
+        columns[name] = Column(name, values, None, None, absent or None)
+    request_id = payload.get("id")
+    return DecodedRequest(columns, str(request_id) if request_id is not None else None)
+
+
+def _loads_with_nan(body: bytes, error: Exception) -> Any:
+    # orjson refuses the NaN/Infinity literals Python's json module writes; pydantic's parser takes
+    # them, so a client's NaN reaches the validator (which rejects it unless the policy allows NaN).
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(Any).validate_json(body)
+    except ValidationError:
+        raise MalformedRequest([_malformed("body", "a JSON object", f"invalid JSON ({error})")]) from None
+
+
+def encode_v2(answer: Answer, request: DecodedRequest) -> tuple[bytes, dict[str, str]]:
+    """OIP v2 answer body and extra headers (binary outputs follow the JSON when asked for)."""
+    outputs = []
+    blobs: list[bytes] = []
+    for name, array in answer.outputs.items():
+        datatype = answer.datatypes[name]
+        tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
+        if name in request.binary_outputs or (request.outputs is None and request.binary_by_default):
+            blob = encode_binary(array, datatype)
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = to_json_data(array)
+        outputs.append(tensor)
+    body = orjson.dumps({"model_name": answer.model, "model_version": answer.version, "id": answer.request_id,
+                         "parameters": answer.parameters, "outputs": outputs}, option=JSON_OPTIONS)
+    headers = {}
+    if blobs:
+        headers["Inference-Header-Content-Length"] = str(len(body))
+        body += b"".join(blobs)
+    return body, headers
+
+
+def encode_v1(answer: Answer) -> bytes:
+    """KServe v1 answer: one prediction per row (the value, or an object when there are several outputs)."""
+    names = list(answer.outputs)
+    if len(names) == 1:
+        predictions: list[Any] = list(answer.outputs[names[0]])
+    else:
+        predictions = [{name: answer.outputs[name][i] for name in names} for i in range(answer.rows)]
+    return orjson.dumps({"predictions": predictions, "model_name": answer.model,
+                         "model_version": answer.version, "id": answer.request_id}, option=JSON_OPTIONS)

@@ -1,0 +1,211 @@
+"""The policy schema: the single source of truth for what a model owner may declare.
+
+Policies are frozen pydantic models that forbid unknown keys; `policies/policy.schema.json` is
+generated from `Policy` (`gateway policy schema`) so editors can validate YAML as it is typed.
+Every field's docstring is its reference documentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.yamldoc import Problem, YamlDocument, YamlDocumentError, pydantic_problems
+
+FeatureType = Literal["float", "int", "bool", "category", "string"]
+Scalar = float | int | bool | str
+
+
+class _Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class FeatureSpec(_Policy):
+    """Constraints on one input feature (one named column of a tabular request)."""
+
+    type: FeatureType
+    """Value type: `float`, `int`, `bool`, `category` (one of `values`) or `string`."""
+    description: str = ""
+    """What the feature means, for people reading the policy."""
+    required: bool = True
+    """A request without this feature is rejected. If false, a missing feature is treated as null."""
+    nullable: bool = False
+    """Null values are accepted (replaced by `default`, or NaN for float model inputs)."""
+    default: Scalar | None = None
+    """Value used for nulls and for a missing, not required, feature."""
+    min: float | None = None
+    """Smallest allowed value (inclusive), for `float` and `int`."""
+    max: float | None = None
+    """Largest allowed value (inclusive), for `float` and `int`."""
+    values: list[str] | None = None
+    """The allowed values of a `category` feature."""
+    max_length: int | None = Field(default=None, ge=1)
+    """Longest allowed string, for `string` and `category`."""
+    allow_nan: bool = False
+    """NaN is accepted (as a JSON `NaN` literal or binary data) for `float` features."""
+    allow_inf: bool = False
+    """Positive and negative infinity are accepted for `float` features."""
+    input: str | None = None
+    """Name of the model input this feature feeds, when it differs from the feature's name."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSpec:
+        numeric = self.type in ("float", "int")
+        if (self.min is not None or self.max is not None) and not numeric:
+            raise ValueError(f"min/max apply to float and int features, not {self.type}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        if self.type == "category" and not self.values:
+            raise ValueError("a category feature needs a non-empty `values` list")
+        if self.values is not None and self.type != "category":
+            raise ValueError(f"`values` applies to category features, not {self.type}")
+        if self.values is not None and len(set(self.values)) != len(self.values):
+            raise ValueError("`values` lists a value twice")
+        if (self.allow_nan or self.allow_inf) and self.type != "float":
+            raise ValueError("allow_nan/allow_inf apply to float features only")
+        if self.default is not None:
+            problem = self.check_value(self.default)
+            if problem:
+                raise ValueError(f"default {self.default!r} is not a valid value: {problem}")
+        return self
+
+    def check_value(self, value: Scalar) -> str | None:
+        """Why a single scalar breaks this spec, or None (used for defaults and fallback outputs)."""
+        if self.type in ("float", "int"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"expected a number, got {type(value).__name__}"
+            if self.type == "int" and not float(value).is_integer():
+                return "expected an integer"
+            if math.isnan(value) or math.isinf(value):
+                return "not finite"
+            if self.min is not None and value < self.min:
+                return f"below min {self.min}"
+            if self.max is not None and value > self.max:
+                return f"above max {self.max}"
+            return None
+        if self.type == "bool":
+            return None if isinstance(value, bool) else "expected true or false"
+        if not isinstance(value, str):
+            return "expected a string"
+        if self.values is not None and value not in self.values:
+            return f"not one of {self.values}"
+        if self.max_length is not None and len(value) > self.max_length:
+            return f"longer than {self.max_length}"
+        return None
+
+
+class InputSchema(_Policy):
+    """What a valid request looks like."""
+
+    features: dict[str, FeatureSpec]
+    """Per feature (request field name) its constraints."""
+    unknown_fields: Literal["ignore", "reject"] = "ignore"
+    """Fields the schema does not name: `ignore` (dropped and counted) or `reject` (422)."""
+    max_batch_size: int = Field(default=1024, ge=1)
+    """Most rows one request may carry; larger batches are rejected with 422."""
+
+    @model_validator(mode="after")
+    def _inputs_unique(self) -> InputSchema:
+        seen: dict[str, str] = {}
+        for name, spec in self.features.items():
+            target = spec.input or name
+            if target in seen:
+                raise ValueError(f"features {seen[target]!r} and {name!r} both feed model input {target!r}")
+            seen[target] = name
+        return self
+
+
+class Slo(_Policy):
+    """Service-level objectives; load tests and readiness checks judge against them."""
+
+    p99_ms: float = Field(default=100.0, gt=0)
+    """99th-percentile latency target in milliseconds."""
+    error_rate: float = Field(default=0.01, ge=0, le=1)
+    """Largest acceptable share of non-2xx answers."""
+    peak_rps: float = Field(default=100.0, gt=0)
+    """Expected peak requests per second; load tests target twice this."""
+
+
+class Routing(_Policy):
+    """Which version answers requests that do not name one."""
+
+    stable: str | None = None
+    """The version unversioned requests go to; by default the highest loaded version number."""
+
+    @field_validator("stable", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Policy(_Policy):
+    """Everything the gateway enforces for one model."""
+
+    model: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    """Name of the model (a directory of the model repository)."""
+    description: str = ""
+    """Free text for people reading the policy."""
+    slo: Slo = Slo()
+    """Latency, error-rate and load objectives."""
+    input_schema: InputSchema = Field(alias="schema")
+    """The request schema (`schema:` in YAML)."""
+    routing: Routing = Routing()
+    """Version routing."""
+
+
+class PolicyError(Exception):
+    """A policy file is unreadable or invalid; carries every positioned problem."""
+
+    def __init__(self, problems: list[Problem], model: str | None = None) -> None:
+        super().__init__("; ".join(p.describe() for p in problems))
+        self.problems = problems
+        self.model = model
+        """The model the file names, when it names one, so the server can fail closed for it."""
+
+
+class LoadedPolicy(BaseModel):
+    """A validated policy with its source and fingerprint."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    policy: Policy
+    source: str
+    sha256: str
+    document: YamlDocument | None = None
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """Read and validate one policy file, or raise PolicyError listing every problem."""
+    try:
+        doc = YamlDocument.read(path)
+    except YamlDocumentError as exc:
+        raise PolicyError(exc.problems) from None
+    if not isinstance(doc.data, dict):
+        raise PolicyError([doc.problem((), "a policy must be a YAML mapping")])
+    try:
+        policy = Policy.model_validate(doc.data)
+    except ValidationError as exc:
+        named = doc.data.get("model")
+        raise PolicyError(pydantic_problems(doc, exc.errors()), named if isinstance(named, str) else None) from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LoadedPolicy(policy=policy, source=str(path), sha256=digest, document=doc)
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """The policy files of a directory (`*.yaml` / `*.yml`), in name order."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def json_schema() -> str:
+    """The JSON Schema of a policy file, as committed in policies/policy.schema.json."""
+    schema = Policy.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Gateway model policy"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,37 @@
+"""Process settings: from `GATEWAY_*` environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the process needs to start; policies hold everything per model."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", frozen=True, use_attribute_docstrings=True,
+                                      extra="forbid")
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    """TCP port to listen on (0 picks a free one)."""
+    models_dir: Path = Path("models")
+    """Root of the model repository (`<model>/<version>/model.onnx` + card)."""
+    policies_dir: Path = Path("policies")
+    """Directory of policy files (`*.yaml`), one per model."""
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest accepted request body; larger ones get 413 before they are parsed."""
+    max_listed_violations: int = Field(default=100, ge=1, le=10_000)
+    """Most violations listed in one error body (all of them are always counted)."""
+    inference_threads: int = Field(default=2, ge=1, le=64)
+    """Worker threads that run onnxruntime (the event loop never runs a model)."""
+    ort_intra_op_threads: int = Field(default=1, ge=1, le=64)
+    """onnxruntime intra-op threads per session."""
+    ort_inter_op_threads: int = Field(default=1, ge=1, le=64)
+    """onnxruntime inter-op threads per session."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the gateway and uvicorn."""

@@ -1,0 +1,47 @@
+"""Prometheus metrics, defined once on a registry the app owns (no global registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+#: model label for requests naming a model that is not served (keeps label cardinality bounded)
+UNKNOWN_MODEL = "_unknown"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every metric the gateway exports."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "gateway_requests", "Inference requests by model, version, protocol and outcome.",
+            ["model", "version", "protocol", "outcome"], registry=self.registry)
+        self.latency = Histogram(
+            "gateway_request_duration_seconds", "Inference request latency, from body read to answer.",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.rows = Counter(
+            "gateway_inference_rows", "Rows answered by a model version.",
+            ["model", "version"], registry=self.registry)
+        self.validation_failures = Counter(
+            "gateway_validation_failures", "Request violations by model and reason (one per violation).",
+            ["model", "reason"], registry=self.registry)
+        self.ignored_fields = Counter(
+            "gateway_ignored_fields", "Unknown request fields ignored under unknown_fields: ignore.",
+            ["model"], registry=self.registry)
+        self.version_ready = Gauge(
+            "gateway_model_version_ready", "1 when a model version is loaded and serving, else 0.",
+            ["model", "version"], registry=self.registry)
+        self.model_ready = Gauge(
+            "gateway_model_ready", "1 when a model can answer unversioned requests, else 0.",
+            ["model"], registry=self.registry)
+        self.policy_problems = Gauge(
+            "gateway_policy_problems", "Policy files rejected at the last load.", registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

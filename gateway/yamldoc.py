@@ -1,0 +1,133 @@
+"""YAML documents that remember where each value came from, so errors can name a line and column."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+try:  # the C loader is much faster when PyYAML was built with libyaml
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover - depends on the wheel
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a document: where, which path, and what."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def describe(self) -> str:
+        """`file:line:col: path: message`, the form editors and CI logs link to."""
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}:{self.line}:{self.column}: {where}{self.message}"
+
+
+class YamlDocumentError(Exception):
+    """A document could not be read or parsed; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(p.describe() for p in problems))
+        self.problems = problems
+
+
+def format_path(loc: Sequence[str | int]) -> str:
+    """Dotted path with list indices in brackets: `schema.features.age.min`, `golden[3].id`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+class YamlDocument:
+    """A parsed YAML mapping plus its node tree for positions."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        try:
+            self.root = yaml.compose(text, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+            reason = getattr(exc, "problem", None) or str(exc)
+            raise YamlDocumentError([Problem(file, line, column, "", f"invalid YAML: {reason}")]) from None
+        problems = self._duplicate_keys(self.root, ())
+        if problems:
+            raise YamlDocumentError(problems)
+        self.data: Any = yaml.load(text, Loader=_Loader) if self.root is not None else None
+
+    @classmethod
+    def read(cls, path: Path) -> YamlDocument:
+        """Read and parse a file; unreadable files become a positioned problem."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise YamlDocumentError([Problem(str(path), 1, 1, "", f"cannot read file: {exc}")]) from None
+        return cls(str(path), text)
+
+    def problem(self, loc: Sequence[str | int], message: str) -> Problem:
+        """A problem at the deepest node of `loc` that exists in the document."""
+        line, column = self.position(loc)
+        return Problem(self.file, line, column, format_path(loc), message)
+
+    def position(self, loc: Sequence[str | int]) -> tuple[int, int]:
+        """1-based line and column of the node at `loc` (or of its nearest existing ancestor)."""
+        node = self.root
+        if node is None:
+            return 1, 1
+        best = node.start_mark
+        for part in loc:
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if str(key.value) == str(part):
+                        child = value if not isinstance(value, yaml.ScalarNode) or value.value else key
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                child = node.value[part]
+            if child is None:
+                break
+            node = child
+            best = node.start_mark
+        return best.line + 1, best.column + 1
+
+    def _duplicate_keys(self, node: Any, loc: tuple[str | int, ...]) -> list[Problem]:
+        problems: list[Problem] = []
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                name = str(key.value)
+                if name in seen:
+                    problems.append(Problem(self.file, key.start_mark.line + 1, key.start_mark.column + 1,
+                                            format_path((*loc, name)), "duplicate key"))
+                seen.add(name)
+                problems += self._duplicate_keys(value, (*loc, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                problems += self._duplicate_keys(item, (*loc, i))
+        return problems
+
+
+def pydantic_problems(doc: YamlDocument, errors: list[Any]) -> list[Problem]:
+    """Translate pydantic's `ValidationError.errors()` into positioned problems."""
+    problems = []
+    for err in errors:
+        loc = [part for part in err.get("loc", ()) if not (isinstance(part, str) and part.startswith("function-"))]
+        message = err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden":
+            message = "unknown key (not in the schema)"
+        elif "input" in err and err.get("type") not in ("missing",) and not isinstance(err["input"], dict):
+            message = f"{message} (got {err['input']!r})"
+        problems.append(doc.problem(loc, message))
+    return problems
