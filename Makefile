@@ -38,8 +38,9 @@ typecheck: $(VENV)/.dev
 models: $(VENV)/.dev  ## regenerate the example model repository from its seed
 	$(BIN)/python models/build_credit_risk.py
 
-schema: $(VENV)/.runtime  ## regenerate policies/policy.schema.json from the pydantic model
+schema: $(VENV)/.runtime  ## regenerate policies/policy.schema.json and the README reference tables
 	$(BIN)/gateway policy schema --output policies/policy.schema.json
+	$(BIN)/gateway policy docs --write README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

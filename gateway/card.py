@@ -146,11 +146,14 @@ def load_card(path: Path) -> ModelCard:
     except YamlDocumentError as exc:
         raise CardError(exc.problems) from None
     if not isinstance(doc.data, dict):
-        raise CardError([doc.problem((), "a model card must be a mapping")])
+        raise CardError([*doc.duplicate_keys, doc.problem((), "a model card must be a mapping")])
     try:
-        return ModelCard.model_validate(_stringify_version(doc.data))
+        card = ModelCard.model_validate(_stringify_version(doc.data))
     except ValidationError as exc:
-        raise CardError(pydantic_problems(doc, exc.errors())) from None
+        raise CardError([*doc.duplicate_keys, *pydantic_problems(doc, exc.errors())]) from None
+    if doc.duplicate_keys:
+        raise CardError(doc.duplicate_keys)
+    return card
 
 
 def _stringify_version(data: dict[str, Any]) -> dict[str, Any]:

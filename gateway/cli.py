@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--models", type=Path, default=Path("models"), help="model repository (default ./models)")
     schema = policy_commands.add_parser("schema", help="print (or write) the policy JSON Schema")
     schema.add_argument("--output", type=Path, help="write to this file instead of standard output")
+    docs = policy_commands.add_parser("docs", help="print the policy and settings reference (Markdown)")
+    docs.add_argument("--write", type=Path, metavar="FILE",
+                      help="refresh the generated sections of FILE (e.g. README.md) in place")
     return parser
 
 
@@ -46,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.policy_command == "check":
         return _policy_check(args.files, args.models)
+    if args.policy_command == "docs":
+        return _policy_docs(args.write)
     return _policy_schema(args.output)
 
 
@@ -106,6 +111,19 @@ def _policy_schema(output: Path | None) -> int:
         sys.stdout.write(text)
     else:
         output.write_text(text)
+    return EXIT_OK
+
+
+def _policy_docs(target: Path | None) -> int:
+    from gateway.reference import policy_reference, refresh, settings_reference
+
+    if target is None:
+        sys.stdout.write(policy_reference() + "\n" + settings_reference())
+        return EXIT_OK
+    if not target.is_file():
+        print(f"gateway: no such file: {target}", file=sys.stderr)
+        return EXIT_USAGE
+    target.write_text(refresh(target.read_text()))
     return EXIT_OK
 
 

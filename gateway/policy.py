@@ -33,7 +33,7 @@ class FeatureSpec(_Policy):
     description: str = ""
     """What the feature means, for people reading the policy."""
     required: bool = True
-    """A request without this feature is rejected. If false, a missing feature is treated as null."""
+    """A request without this feature is rejected. If false, a missing feature takes `default` (or null)."""
     nullable: bool = False
     """Null values are accepted (replaced by `default`, or NaN for float model inputs)."""
     default: Scalar | None = None
@@ -186,12 +186,15 @@ def load_policy(path: Path) -> LoadedPolicy:
     except YamlDocumentError as exc:
         raise PolicyError(exc.problems) from None
     if not isinstance(doc.data, dict):
-        raise PolicyError([doc.problem((), "a policy must be a YAML mapping")])
+        raise PolicyError([*doc.duplicate_keys, doc.problem((), "a policy must be a YAML mapping")])
+    named = doc.data.get("model")
+    model = named if isinstance(named, str) else None
     try:
         policy = Policy.model_validate(doc.data)
     except ValidationError as exc:
-        named = doc.data.get("model")
-        raise PolicyError(pydantic_problems(doc, exc.errors()), named if isinstance(named, str) else None) from None
+        raise PolicyError([*doc.duplicate_keys, *pydantic_problems(doc, exc.errors())], model) from None
+    if doc.duplicate_keys:
+        raise PolicyError(doc.duplicate_keys, model)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoadedPolicy(policy=policy, source=str(path), sha256=digest, document=doc)
 

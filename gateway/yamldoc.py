@@ -62,9 +62,8 @@ class YamlDocument:
             line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
             reason = getattr(exc, "problem", None) or str(exc)
             raise YamlDocumentError([Problem(file, line, column, "", f"invalid YAML: {reason}")]) from None
-        problems = self._duplicate_keys(self.root, ())
-        if problems:
-            raise YamlDocumentError(problems)
+        self.duplicate_keys = self._duplicate_keys(self.root, ())
+        """Keys given twice in one mapping (YAML keeps the last silently; we report them)."""
         self.data: Any = yaml.load(text, Loader=_Loader) if self.root is not None else None
 
     @classmethod
