@@ -1,6 +1,6 @@
 # The two commands: `make run` (serve the bundled models) and `make test` (the whole suite).
 # Both create .venv with the interpreter in $(PYTHON) when needed and are idempotent.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3.11)
 VENV   := .venv
 BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
@@ -9,7 +9,8 @@ PORT   ?= 8080
 .PHONY: run test lint typecheck models schema clean
 
 $(BIN)/python:
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+	  { echo "need Python >= 3.11 (found: $(PYTHON)); set PYTHON=/path/to/python3.11"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
