@@ -166,11 +166,14 @@ class RequestValidator:
             array = _numbers(column.values, plan.feature, target, name, problems, _width(plan.input))
         if array is None or problems.total > before:
             return None
-        shape = [rows if d == -1 and i == 0 else (d if d != -1 else -1) for i, d in enumerate(plan.input.shape)]
         if plan.per_row:
-            shape = [rows] + ([1] if len(plan.input.shape) == 2 else [])
+            shape: tuple[int, ...] = (rows, 1) if len(plan.input.shape) == 2 else (rows,)
         elif column.shape is not None:
-            shape = list(column.shape)
+            shape = column.shape
+        else:
+            problems.add(Violation(name, "shape", f"a tensor of shape {_shape_text(plan.input.shape)}",
+                                   "one value per row (send this input as a v2 tensor)"))
+            return None
         return array.reshape(shape)
 
 

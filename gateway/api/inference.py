@@ -64,6 +64,9 @@ async def _serve(request: Request, protocol: str, model: str, version: str | Non
                 metrics.validation_failures.labels(label, reason).inc(count)
         headers = {"X-Request-Id": request_id} if request_id else None
         return error_response(exc, headers)
+    except Exception:
+        metrics.requests.labels(label, version or "", protocol, "error").inc()
+        raise  # the app's handler logs it with the stack and answers 500 JSON
 
     answer.parameters["route"] = "pinned" if version is not None else "stable"
     payload, headers, media = encode(answer, decoded)
