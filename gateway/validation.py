@@ -21,6 +21,8 @@ from gateway.policy import FeatureSpec, FeatureType, InputSchema
 from gateway.tensors import FLOAT_TYPES, INT_TYPES, NUMPY_DTYPES, is_safe_cast
 
 _NUMBER_TYPES = (int, float)
+_INFINITIES = (float("inf"), float("-inf"))
+_SMALL = 32  # below this many values, plain Python checks beat numpy's per-call overhead
 
 
 @dataclass
@@ -232,17 +234,26 @@ def _item(values: Any, index: int) -> Any:
 
 def _numbers(values: list[Any] | np.ndarray, spec: FeatureSpec, target: str, name: str,
              problems: ViolationList, width: int) -> np.ndarray | None:
-    """Numbers (and booleans) as float64, checked against the spec, then cast to the target."""
+    """Numbers (and booleans) checked against the spec, then cast to the target datatype.
+
+    Clean columns take a fast path (plain Python for a few values, where numpy's per-call
+    overhead would dominate; one combined mask for many); only a column with a problem is
+    examined in detail to name every offending row.
+    """
+    if target in FLOAT_TYPES and isinstance(values, list) and len(values) <= _SMALL and _small_clean(values, spec):
+        return np.array(values, dtype=NUMPY_DTYPES[target])
     null = None
     data: np.ndarray | None
     if isinstance(values, np.ndarray):
         data = values.astype(np.float64)
-    elif all(type(v) in _NUMBER_TYPES for v in values) and spec.type != "bool":
+    elif spec.type != "bool" and all(type(v) in _NUMBER_TYPES for v in values):
         data = np.array(values, dtype=np.float64)
     else:
         data, null = _numbers_slow(values, spec, name, problems, width)
     if data is None:
         return None
+    if null is None and target in FLOAT_TYPES and spec.type != "bool" and _clean(data, spec):
+        return data.astype(NUMPY_DTYPES[target])
 
     if spec.type == "int":
         fractional = np.flatnonzero(np.isfinite(data) & (data != np.floor(data)))
@@ -282,6 +293,34 @@ def _numbers(values: list[Any] | np.ndarray, spec: FeatureSpec, target: str, nam
         if not np.isfinite(data).all():
             return None
     return data.astype(NUMPY_DTYPES[target])
+
+
+def _small_clean(values: list[Any], spec: FeatureSpec) -> bool:
+    """Whether a short list is all plain numbers within the spec (no NaN, inf, null or bool)."""
+    lo, hi = spec.min, spec.max
+    whole = spec.type == "int"
+    for v in values:
+        kind = type(v)
+        if kind is float:
+            if v != v or v in _INFINITIES or (whole and not v.is_integer()):
+                return False
+        elif kind is not int or spec.type == "bool":
+            return kind is bool and spec.type == "bool" and all(type(x) is bool for x in values)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return False
+    return True
+
+
+def _clean(data: np.ndarray, spec: FeatureSpec) -> bool:
+    """Whether a float64 column has nothing to report (one pass of combined masks)."""
+    finite = np.isfinite(data)
+    if not finite.all():
+        return False
+    if spec.min is not None and (data < spec.min).any():
+        return False
+    if spec.max is not None and (data > spec.max).any():
+        return False
+    return not (spec.type == "int" and (data != np.floor(data)).any())
 
 
 def _numbers_slow(values: list[Any], spec: FeatureSpec, name: str, problems: ViolationList,
