@@ -8,6 +8,7 @@ only to name the offending rows. It never stops at the first problem: the client
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -302,7 +303,7 @@ def _small_clean(values: list[Any], spec: FeatureSpec) -> bool:
     for v in values:
         kind = type(v)
         if kind is float:
-            if v != v or v in _INFINITIES or (whole and not v.is_integer()):
+            if math.isnan(v) or v in _INFINITIES or (whole and not v.is_integer()):
                 return False
         elif kind is not int or spec.type == "bool":
             return kind is bool and spec.type == "bool" and all(type(x) is bool for x in values)
