@@ -35,7 +35,7 @@ class InferencePipeline:
         answer = Answer(
             model=model,
             version=served.entry.version,
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
             outputs=results,
             datatypes=datatypes,
             rows=batch.rows,

@@ -129,7 +129,8 @@ def read_policies(directory: Path) -> tuple[dict[str, LoadedPolicy], list[Policy
         try:
             loaded = load_policy(path)
         except PolicyError as exc:
-            problems.append(PolicyProblem(str(path), exc.model, str(exc)))
+            # A file too broken to name its model is taken to be for the model its file name names.
+            problems.append(PolicyProblem(str(path), exc.model or path.stem, str(exc)))
             log.error("policy rejected: %s", exc)
             continue
         name = loaded.policy.model

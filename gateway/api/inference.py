@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -14,12 +15,15 @@ from gateway.api.body import header_length, read_body
 from gateway.api.errors import error_response, status_of
 from gateway.codec import Answer, DecodedRequest, decode_v1, decode_v2, encode_v1, encode_v2
 from gateway.errors import GatewayError, SchemaViolation
+from gateway.registry import ServedModel
 from gateway.telemetry import UNKNOWN_MODEL
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 router = APIRouter()
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,128}")
 
 Decode = Callable[[bytes, Request], DecodedRequest]
 Encode = Callable[[Answer, DecodedRequest], tuple[bytes, dict[str, str], str]]
@@ -43,35 +47,45 @@ def _encode_v1(answer: Answer, decoded: DecodedRequest) -> tuple[bytes, dict[str
     return encode_v1(answer), {}, "application/json"
 
 
+def _version_label(model: ServedModel | None, version: str | None) -> str:
+    """A URL version as a metric label only when it exists, so clients cannot grow cardinality."""
+    if version is None:
+        return ""
+    return version if model is not None and version in model.versions else UNKNOWN_MODEL
+
+
 async def _serve(request: Request, protocol: str, model: str, version: str | None,
                  decode: Decode, encode: Encode) -> Response:
     """Read, decode, run the pipeline, encode; record the outcome of every request once."""
     gateway: Gateway = request.app.state.gateway
     metrics = gateway.metrics
     started = time.perf_counter()
-    label = model if model in gateway.snapshot.models else UNKNOWN_MODEL
+    served_model = gateway.snapshot.models.get(model)
+    label = model if served_model is not None else UNKNOWN_MODEL
+    version_label = _version_label(served_model, version)
     request_id = request.headers.get("x-request-id")
     try:
         body = await read_body(request, gateway.settings.max_body_bytes)
         decoded = decode(body, request)
         answer, batch = await gateway.pipeline.infer(model, version, decoded.columns, decoded.outputs,
-                                                     decoded.id or request_id)
+                                                     decoded.id if decoded.id is not None else request_id)
     except GatewayError as exc:
         _, outcome = status_of(exc)
-        metrics.requests.labels(label, version or "", protocol, outcome).inc()
+        metrics.requests.labels(label, version_label, protocol, outcome).inc()
         if isinstance(exc, SchemaViolation) and label != UNKNOWN_MODEL:
             for reason, count in exc.violations.by_reason.items():
                 metrics.validation_failures.labels(label, reason).inc(count)
         headers = {"X-Request-Id": request_id} if request_id else None
         return error_response(exc, headers)
     except Exception:
-        metrics.requests.labels(label, version or "", protocol, "error").inc()
+        metrics.requests.labels(label, version_label, protocol, "error").inc()
         raise  # the app's handler logs it with the stack and answers 500 JSON
 
     answer.parameters["route"] = "pinned" if version is not None else "stable"
     payload, headers, media = encode(answer, decoded)
     headers["X-Model-Version"] = answer.version
-    headers["X-Request-Id"] = answer.request_id
+    if _HEADER_SAFE.fullmatch(answer.request_id):  # the body always echoes it; headers only if it is safe
+        headers["X-Request-Id"] = answer.request_id
     headers["X-Route"] = answer.parameters["route"]
     metrics.requests.labels(label, answer.version, protocol, "ok").inc()
     metrics.latency.labels(label, answer.version).observe(time.perf_counter() - started)
