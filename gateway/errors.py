@@ -5,7 +5,8 @@
     │   ├── ViolationError            carries the list of every violation found
     │   │   ├── MalformedRequest      not a well-formed protocol message (bad JSON, bad tensor)
     │   │   └── SchemaViolation       well-formed, but breaks the model's schema or policy
-    │   ├── RequestTooLarge           body over the configured limit
+    │   ├── RequestTooLarge           body over the configured limit (compressed or inflated)
+    │   ├── UnsupportedEncoding       a Content-Encoding other than gzip, deflate or identity
     │   ├── ModelNotFound             no such model
     │   └── VersionNotFound           no such version of a known model
     ├── Unavailable                   the model or version exists but cannot answer now
@@ -115,6 +116,10 @@ class SchemaViolation(ViolationError):
 
 class RequestTooLarge(ClientError):
     """The body is larger than the configured limit."""
+
+
+class UnsupportedEncoding(ClientError):
+    """The body uses a Content-Encoding the gateway does not decode."""
 
 
 class ModelNotFound(ClientError):

@@ -131,3 +131,38 @@ def test_a_slow_inference_does_not_block_other_requests() -> None:
         gateway.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_bodies_are_inflated(client: TestClient, encoding: str) -> None:
+    import gzip
+    import zlib
+
+    raw = orjson_dumps(v2_body([good_row()]))
+    packed = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+    answer = client.post(f"/v2/models/{MODEL}/infer", content=packed, headers={"Content-Encoding": encoding})
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_compressed_body_that_inflates_past_the_limit_is_refused() -> None:
+    import gzip
+
+    bomb = gzip.compress(b'{"inputs": [' + b" " * 5_000_000 + b"]}")
+    assert len(bomb) < 2048 * 4
+    with make_client(max_body_bytes=1 << 20) as small:
+        answer = small.post(f"/v2/models/{MODEL}/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+        assert answer.status_code == 413 and "inflates" in answer.json()["error"]
+
+
+def test_unknown_or_broken_encodings_are_client_errors(client: TestClient) -> None:
+    body = orjson_dumps(v2_body([good_row()]))
+    assert client.post(f"/v2/models/{MODEL}/infer", content=body, headers={"Content-Encoding": "br"}).status_code == 415
+    broken = client.post(f"/v2/models/{MODEL}/infer", content=b"\x1f\x8b not gzip",
+                         headers={"Content-Encoding": "gzip"})
+    assert broken.status_code == 400 and "gzip" in broken.json()["error"]
+
+
+def orjson_dumps(payload: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(payload)

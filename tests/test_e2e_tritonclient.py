@@ -202,3 +202,19 @@ def test_unknown_version_raises(client: triton.InferenceServerClient, metadata: 
         client.infer(MODEL, inputs, model_version="99")
     assert "'99'" in str(raised.value.message())
     assert raised.value.status() == "404"
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(client: triton.InferenceServerClient, metadata: dict[str, Any], algorithm: str) -> None:
+    examples = [e for e in golden_examples("2") if None not in e["inputs"].values()][:4]
+    result = client.infer(MODEL, build_inputs(metadata, [e["inputs"] for e in examples], binary_data=None),
+                          model_version="2", request_compression_algorithm=algorithm)
+    assert_golden(result, examples)
+
+
+def test_missing_value_as_nan_in_binary_data(client: triton.InferenceServerClient, metadata: dict[str, Any]) -> None:
+    """Binary tensors cannot carry null; the policy accepts NaN as "unknown" for credit_history_years."""
+    example = next(e for e in golden_examples("1") if e["inputs"]["credit_history_years"] is None)
+    row = {**example["inputs"], "credit_history_years": float("nan")}
+    result = client.infer(MODEL, build_inputs(metadata, [row], binary_data=True))
+    assert_golden(result, [example])

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
+
 from starlette.requests import Request
 
-from gateway.errors import MalformedRequest, RequestTooLarge, Violation
+from gateway.errors import MalformedRequest, RequestTooLarge, UnsupportedEncoding, Violation
+
+#: Content-Encoding -> zlib window bits (gzip header, or zlib-wrapped deflate)
+DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -22,7 +27,27 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in DECODERS:
+        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    return _decompress(body, encoding, limit)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Inflate a compressed body; the limit applies to the inflated size too (no zip bombs)."""
+    inflater = zlib.decompressobj(DECODERS[encoding])
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise MalformedRequest([Violation("body", "malformed", f"{encoding}-compressed data", str(exc))]) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise RequestTooLarge(f"request body inflates to more than the limit of {limit} bytes")
+    if not inflater.eof:
+        raise MalformedRequest([Violation("body", "malformed", f"complete {encoding} data", "a truncated stream")])
+    return out
 
 
 def header_length(request: Request) -> int | None:

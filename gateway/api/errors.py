@@ -13,6 +13,7 @@ from gateway.errors import (
     RequestTooLarge,
     SchemaViolation,
     Unavailable,
+    UnsupportedEncoding,
     VersionNotFound,
     ViolationError,
 )
@@ -21,6 +22,7 @@ from gateway.errors import (
 STATUS: dict[type[GatewayError], tuple[int, str]] = {
     MalformedRequest: (400, "malformed"),
     RequestTooLarge: (413, "too_large"),
+    UnsupportedEncoding: (415, "malformed"),
     SchemaViolation: (422, "invalid"),
     ModelNotFound: (404, "not_found"),
     VersionNotFound: (404, "not_found"),
