@@ -72,6 +72,21 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
     offset = 0
     for i, tensor in enumerate(request.inputs):
         where = f"inputs[{i}] ({tensor.name})"
+        raw: memoryview | None = None
+        if tensor.data is None:
+            # Take this tensor's bytes first, so a tensor rejected below cannot shift the next ones.
+            size = (tensor.parameters or {}).get("binary_data_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                problems.append(_malformed(where, "`data`, or binary data with a binary_data_size parameter",
+                                           "neither"))
+                continue
+            if offset + size > len(binary):
+                problems.append(_malformed(where, f"{size} bytes of binary data",
+                                           f"{max(len(binary) - offset, 0)} bytes left in the body"))
+                offset = len(binary)
+                continue
+            raw = memoryview(binary)[offset:offset + size]
+            offset += size
         if tensor.name in columns:
             problems.append(_malformed(where, "each input named once", "a second tensor of that name"))
             continue
@@ -80,25 +95,15 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
                                       repr(tensor.datatype)))
             continue
         count = math.prod(tensor.shape)
-        size = (tensor.parameters or {}).get("binary_data_size")
         values: list[Any] | np.ndarray
-        if tensor.data is None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                problems.append(_malformed(where, "`data`, or binary data with a binary_data_size parameter",
-                                           "neither"))
-                continue
-            if offset + size > len(binary):
-                problems.append(_malformed(where, f"{size} bytes of binary data",
-                                           f"{max(len(binary) - offset, 0)} bytes left in the body"))
-                continue
+        if raw is not None:
             try:
-                values = decode_binary(memoryview(binary)[offset:offset + size], tensor.datatype, count)
+                values = decode_binary(raw, tensor.datatype, count)
             except BinaryDataError as exc:
                 problems.append(_malformed(where, f"binary data for shape {tensor.shape}", str(exc)))
                 continue
-            offset += size
         else:
-            values = flatten(tensor.data)
+            values = flatten(tensor.data or [])
             if len(values) != count:
                 problems.append(Violation(where, "shape", f"{count} values for shape {tensor.shape}",
                                           f"{len(values)} values"))

@@ -13,7 +13,15 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from gateway.yamldoc import Problem, YamlDocument, YamlDocumentError, pydantic_problems
 
@@ -134,7 +142,8 @@ class Slo(_Policy):
 class Routing(_Policy):
     """Which version answers requests that do not name one."""
 
-    stable: str | None = None
+    stable: Annotated[str | None, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"},
+                                                            {"type": "null"}]})] = None
     """The version unversioned requests go to; by default the highest loaded version number."""
 
     @field_validator("stable", mode="before")

@@ -37,7 +37,7 @@ def policy_misfits(policy: Policy, signature: Signature) -> list[Misfit]:
         target = spec.input or name
         tensor = inputs.get(target)
         if tensor is None:
-            where = f"model input {target!r}" if spec.input else "a model input of that name"
+            where = f"model input {target!r}" if spec.input else "model input of that name"
             found.append(Misfit(loc, f"feature {name!r} has no {where}; inputs are {sorted(inputs)}"))
             continue
         covered.add(target)

@@ -24,6 +24,8 @@ from gateway.tensors import FLOAT_TYPES, INT_TYPES, NUMPY_DTYPES, is_safe_cast
 _NUMBER_TYPES = (int, float)
 _INFINITIES = (float("inf"), float("-inf"))
 _SMALL = 32  # below this many values, plain Python checks beat numpy's per-call overhead
+#: largest finite value of the narrower float targets (FP64's range is float64's own)
+_FLOAT_LIMITS = {"FP16": float(np.finfo(np.float16).max), "FP32": float(np.finfo(np.float32).max)}
 
 
 @dataclass
@@ -164,7 +166,7 @@ class RequestValidator:
             return None
         before = problems.total
         if plan.feature.type in ("category", "string"):
-            array = _strings(column.values, plan.feature, name, problems)
+            array = _strings(column.values, plan.feature, name, problems, _width(plan.input))
         else:
             array = _numbers(column.values, plan.feature, target, name, problems, _width(plan.input))
         if array is None or problems.total > before:
@@ -239,83 +241,100 @@ def _numbers(values: list[Any] | np.ndarray, spec: FeatureSpec, target: str, nam
 
     Clean columns take a fast path (plain Python for a few values, where numpy's per-call
     overhead would dominate; one combined mask for many); only a column with a problem is
-    examined in detail to name every offending row.
+    examined in detail, to name every offending row.
     """
-    if target in FLOAT_TYPES and isinstance(values, list) and len(values) <= _SMALL and _small_clean(values, spec):
-        return np.array(values, dtype=NUMPY_DTYPES[target])
+    dtype = NUMPY_DTYPES[target]
+    if target in FLOAT_TYPES and isinstance(values, list) and len(values) <= _SMALL and \
+            _small_clean(values, spec, target):
+        return np.array(values, dtype=dtype)
+    before = problems.total
+    skip = None  # elements already reported as the wrong type, or null: no value checks for them
     null = None
-    data: np.ndarray | None
-    if isinstance(values, np.ndarray):
-        data = values.astype(np.float64)
-    elif spec.type != "bool" and all(type(v) in _NUMBER_TYPES for v in values):
-        data = np.array(values, dtype=np.float64)
-    else:
-        data, null = _numbers_slow(values, spec, name, problems, width)
+    data = values.astype(np.float64) if isinstance(values, np.ndarray) else _plain_numbers(values, spec)
     if data is None:
-        return None
-    if null is None and target in FLOAT_TYPES and spec.type != "bool" and _clean(data, spec):
-        return data.astype(NUMPY_DTYPES[target])
+        assert isinstance(values, list)
+        data, null, invalid = _numbers_slow(values, spec, name, problems, width)
+        skip = null | invalid
+    elif target in FLOAT_TYPES and spec.type != "bool" and _clean(data, spec, target):
+        return data.astype(dtype)
+
+    checked = ~skip if skip is not None else np.ones(len(data), dtype=bool)
+    finite = np.isfinite(data) & checked
+
+    def report(reason: str, expected: str, mask: np.ndarray) -> None:
+        _add_rows(problems, name, reason, expected, np.flatnonzero(mask), values, width)
 
     if spec.type == "int":
-        fractional = np.flatnonzero(np.isfinite(data) & (data != np.floor(data)))
-        _add_rows(problems, name, "type", "an integer", fractional, values, width)
+        report("type", "an integer", finite & (data != np.floor(data)))
     if spec.type == "bool" and isinstance(values, np.ndarray):
-        not_bool = np.flatnonzero((data != 0) & (data != 1))
-        _add_rows(problems, name, "type", "true/false or 0/1", not_bool, values, width)
-
-    nan = np.isnan(data) if null is None else np.isnan(data) & ~null
-    if not spec.allow_nan and nan.any():
-        _add_rows(problems, name, "nan", "a finite number (NaN not allowed)", np.flatnonzero(nan), values, width)
-    inf = np.isinf(data)
-    if not spec.allow_inf and inf.any():
-        _add_rows(problems, name, "inf", "a finite number (infinity not allowed)", np.flatnonzero(inf), values, width)
-    finite = np.isfinite(data)
+        report("type", "true/false or 0/1", (data != 0) & (data != 1))
+    if not spec.allow_nan:
+        report("nan", "a finite number (NaN not allowed)", np.isnan(data) & checked)
+    if not spec.allow_inf:
+        report("inf", "a finite number (infinity not allowed)", np.isinf(data) & checked)
+    in_range = finite.copy()
     if spec.min is not None:
-        _add_rows(problems, name, "range", f">= {spec.min:g}", np.flatnonzero(finite & (data < spec.min)),
-                  values, width)
+        report("range", f">= {spec.min:g}", finite & (data < spec.min))
+        in_range &= data >= spec.min
     if spec.max is not None:
-        _add_rows(problems, name, "range", f"<= {spec.max:g}", np.flatnonzero(finite & (data > spec.max)),
-                  values, width)
+        report("range", f"<= {spec.max:g}", finite & (data > spec.max))
+        in_range &= data <= spec.max
+    if target in INT_TYPES:  # only values the policy allows can still overflow the model's type
+        info = np.iinfo(dtype)
+        # float(info.max) rounds up to 2**63 for 64-bit types; `>=` that bound is exact for every width
+        report("range", f"within {target} range", in_range & ((data < info.min) | (data >= float(info.max) + 1)))
+    elif target in _FLOAT_LIMITS:
+        report("range", f"within {target} range", in_range & (np.abs(data) > _FLOAT_LIMITS[target]))
 
     if null is not None and null.any():
         if not spec.nullable:
-            _add_rows(problems, name, "null", f"a {spec.type} (field is not nullable)", np.flatnonzero(null),
-                      values, width)
+            report("null", f"a {spec.type} (field is not nullable)", null)
         elif spec.default is not None:
             data[null] = float(spec.default)
         elif target not in FLOAT_TYPES:
             problems.add(Violation(name, "null", f"a value (model input is {target}; give the feature a default)",
                                    "null"))
-    if target in INT_TYPES or target == "BOOL":
-        info = np.iinfo(NUMPY_DTYPES[target]) if target != "BOOL" else None
-        if info is not None:
-            out = np.flatnonzero(np.isfinite(data) & ((data < info.min) | (data > info.max)))
-            _add_rows(problems, name, "range", f"within {target} range", out, values, width)
-        if not np.isfinite(data).all():
-            return None
-    return data.astype(NUMPY_DTYPES[target])
+    if problems.total > before:
+        return None
+    if target in INT_TYPES and null is None and isinstance(values, list):
+        return np.array(values, dtype=dtype)  # exact: integers above 2**53 do not survive float64
+    return data.astype(dtype)
 
 
-def _small_clean(values: list[Any], spec: FeatureSpec) -> bool:
-    """Whether a short list is all plain numbers within the spec (no NaN, inf, null or bool)."""
+def _plain_numbers(values: list[Any], spec: FeatureSpec) -> np.ndarray | None:
+    """float64 array of a list of plain ints and floats; None when anything else (or too large) is in it."""
+    if spec.type == "bool" or not all(type(v) in _NUMBER_TYPES for v in values):
+        return None
+    try:
+        return np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64: the slow path names it
+        return None
+
+
+def _small_clean(values: list[Any], spec: FeatureSpec, target: str) -> bool:
+    """Whether a short list is all plain values within the spec and the target type's range."""
+    if spec.type == "bool":
+        return all(type(v) is bool for v in values)
     lo, hi = spec.min, spec.max
     whole = spec.type == "int"
+    limit = _FLOAT_LIMITS.get(target, math.inf)
     for v in values:
         kind = type(v)
         if kind is float:
-            if math.isnan(v) or v in _INFINITIES or (whole and not v.is_integer()):
+            if math.isnan(v) or not abs(v) <= limit or (whole and not v.is_integer()):
                 return False
-        elif kind is not int or spec.type == "bool":
-            return kind is bool and spec.type == "bool" and all(type(x) is bool for x in values)
+        elif kind is not int or not abs(v) <= limit:
+            return False
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             return False
     return True
 
 
-def _clean(data: np.ndarray, spec: FeatureSpec) -> bool:
+def _clean(data: np.ndarray, spec: FeatureSpec, target: str) -> bool:
     """Whether a float64 column has nothing to report (one pass of combined masks)."""
-    finite = np.isfinite(data)
-    if not finite.all():
+    if not np.isfinite(data).all():
+        return False
+    if target in _FLOAT_LIMITS and (np.abs(data) > _FLOAT_LIMITS[target]).any():
         return False
     if spec.min is not None and (data < spec.min).any():
         return False
@@ -325,35 +344,33 @@ def _clean(data: np.ndarray, spec: FeatureSpec) -> bool:
 
 
 def _numbers_slow(values: list[Any], spec: FeatureSpec, name: str, problems: ViolationList,
-                  width: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    data = np.empty(len(values), dtype=np.float64)
+                  width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Element by element: float64 data, the null mask, and the mask of elements reported here."""
+    data = np.full(len(values), np.nan, dtype=np.float64)
     null = np.zeros(len(values), dtype=bool)
+    invalid = np.zeros(len(values), dtype=bool)
     expected = "true/false or 0/1" if spec.type == "bool" else "a number"
-    bad = False
     for i, value in enumerate(values):
         kind = type(value)
         if value is None:
             null[i] = True
-            data[i] = np.nan
-        elif kind is bool:
-            if spec.type == "bool":
-                data[i] = 1.0 if value else 0.0
-            else:
-                bad = True
-                problems.add(Violation(name, "type", expected, _describe(value), row=i // width))
-        elif kind in _NUMBER_TYPES:
-            if spec.type == "bool" and value not in (0, 1):
-                bad = True
-                problems.add(Violation(name, "type", expected, _describe(value), row=i // width))
-            data[i] = value
+        elif kind is bool and spec.type == "bool":
+            data[i] = 1.0 if value else 0.0
+        elif kind in _NUMBER_TYPES and (spec.type != "bool" or value in (0, 1)):
+            try:
+                data[i] = value
+            except OverflowError:
+                invalid[i] = True
+                problems.add(Violation(name, "range", "a number within float64 range", "a larger integer",
+                                       row=i // width))
         else:
-            bad = True
+            invalid[i] = True
             problems.add(Violation(name, "type", expected, _describe(value), row=i // width))
-    return (None, None) if bad else (data, null)
+    return data, null, invalid
 
 
 def _strings(values: list[Any] | np.ndarray, spec: FeatureSpec, name: str,
-             problems: ViolationList) -> np.ndarray | None:
+             problems: ViolationList, width: int) -> np.ndarray | None:
     items = values.tolist() if isinstance(values, np.ndarray) else values
     out: list[str] = []
     allowed = frozenset(spec.values) if spec.values is not None else None
@@ -362,17 +379,17 @@ def _strings(values: list[Any] | np.ndarray, spec: FeatureSpec, name: str,
         value = item.decode("utf-8", "replace") if isinstance(item, bytes) else item
         if value is None:
             if not spec.nullable:
-                problems.add(Violation(name, "null", f"a {spec.type} (field is not nullable)", "null", row=i))
+                problems.add(Violation(name, "null", f"a {spec.type} (field is not nullable)", "null", row=i // width))
                 continue
             out.append(spec.default if isinstance(spec.default, str) else "")
             continue
         if not isinstance(value, str):
-            problems.add(Violation(name, "type", "a string", _describe(value), row=i))
+            problems.add(Violation(name, "type", "a string", _describe(value), row=i // width))
             continue
         if allowed is not None and value not in allowed:
-            problems.add(Violation(name, "category", expected_category, _describe(value), row=i))
+            problems.add(Violation(name, "category", expected_category, _describe(value), row=i // width))
         elif spec.max_length is not None and len(value) > spec.max_length:
             problems.add(Violation(name, "length", f"at most {spec.max_length} characters",
-                                   f"{len(value)} characters", row=i))
+                                   f"{len(value)} characters", row=i // width))
         out.append(value)
     return np.array(out, dtype=object) if len(out) == len(items) else None

@@ -101,6 +101,22 @@ class YamlDocument:
             best = node.start_mark
         return best.line + 1, best.column + 1
 
+    def existing_prefix(self, loc: Sequence[str | int]) -> tuple[str | int, ...]:
+        """The longest leading part of `loc` that names a node in the document."""
+        node = self.root
+        kept: list[str | int] = []
+        for part in loc:
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                child = next((v for k, v in node.value if str(k.value) == str(part)), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                child = node.value[part]
+            if child is None:
+                break
+            kept.append(part)
+            node = child
+        return tuple(kept)
+
     def _duplicate_keys(self, node: Any, loc: tuple[str | int, ...]) -> list[Problem]:
         problems: list[Problem] = []
         if isinstance(node, yaml.MappingNode):
@@ -119,14 +135,23 @@ class YamlDocument:
 
 
 def pydantic_problems(doc: YamlDocument, errors: list[Any]) -> list[Problem]:
-    """Translate pydantic's `ValidationError.errors()` into positioned problems."""
-    problems = []
+    """Translate pydantic's `ValidationError.errors()` into positioned problems.
+
+    A value that fits none of a union's members makes pydantic report once per member, with the
+    member's name appended to the path (`default.float`, `default.int`, ...). Such paths are cut
+    back to what exists in the document and merged into one problem.
+    """
+    merged: dict[tuple[str | int, ...], list[str]] = {}
     for err in errors:
-        loc = [part for part in err.get("loc", ()) if not (isinstance(part, str) and part.startswith("function-"))]
+        loc = tuple(part for part in err.get("loc", ()) if not (isinstance(part, str) and part.startswith("function-")))
+        loc = doc.existing_prefix(loc) if err.get("type") not in ("missing", "extra_forbidden") else loc
         message = err.get("msg", "invalid value")
         if err.get("type") == "extra_forbidden":
             message = "unknown key (not in the schema)"
-        elif "input" in err and err.get("type") not in ("missing",) and not isinstance(err["input"], dict):
+        elif "input" in err and err.get("type") != "missing" and not isinstance(err["input"], dict):
             message = f"{message} (got {err['input']!r})"
-        problems.append(doc.problem(loc, message))
-    return problems
+        messages = merged.setdefault(loc, [])
+        if message not in messages:
+            messages.append(message)
+    return [doc.problem(loc, messages[0] if len(messages) == 1 else "fits none of the allowed forms: "
+                        + "; ".join(messages)) for loc, messages in merged.items()]

@@ -226,7 +226,6 @@ def test_policy_error_message_and_model(tmp_path: Path) -> None:
     assert str(caught.value).startswith(f"{path}:4:")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: union member tags (float/int/bool/str) leak into a bad default's path")
 def test_a_default_of_the_wrong_shape_is_one_problem_at_its_path(tmp_path: Path) -> None:
     listed = problems(tmp_path, HEAD + "    age: {type: int, default: [1]}\n")
     assert [(p.line, p.path) for p in listed] == [(4, "schema.features.age.default")]
@@ -280,8 +279,7 @@ def test_the_json_schema_rejects_a_bad_policy(change: Any, path: list[str]) -> N
 @pytest.mark.parametrize("routing", [
     {"stable": "2"},
     {},
-    pytest.param({"stable": 2}, marks=pytest.mark.xfail(
-        strict=True, reason="bug: load_policy takes `stable: 2` but the JSON Schema only allows a string")),
+    {"stable": 2},
 ])
 def test_policies_that_load_also_pass_the_json_schema(tmp_path: Path, routing: dict[str, Any]) -> None:
     data = {**_bundled_data(), "routing": routing}

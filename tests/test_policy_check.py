@@ -161,7 +161,6 @@ def test_python_dash_m_gateway(tmp_path: Path) -> None:
     assert f"{broken}: 1 error\n" in done.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="bug: misfit message reads \"has no a model input of that name\"")
 def test_the_missing_input_message_reads_well(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = variant(tmp_path, "p.yaml", "    purpose:\n", "    zodiac: {type: string}\n    purpose:\n")
     _, out, _ = check(capsys, path)
