@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.tensors import NUMPY_DTYPES
-from gateway.yamldoc import Problem, YamlDocument, YamlDocumentError, pydantic_problems
+from gateway.yamldoc import Problem, YamlDocumentError, read_validated
 
 CARD_FILES = ("model.yaml", "card.json")
 
@@ -142,17 +142,9 @@ def find_card(version_dir: Path) -> Path | None:
 def load_card(path: Path) -> ModelCard:
     """Parse and validate a card file (YAML or JSON, JSON being a subset of YAML)."""
     try:
-        doc = YamlDocument.read(path)
+        card, _ = read_validated(path, ModelCard, "a model card", _stringify_version)
     except YamlDocumentError as exc:
         raise CardError(exc.problems) from None
-    if not isinstance(doc.data, dict):
-        raise CardError([*doc.duplicate_keys, doc.problem((), "a model card must be a mapping")])
-    try:
-        card = ModelCard.model_validate(_stringify_version(doc.data))
-    except ValidationError as exc:
-        raise CardError([*doc.duplicate_keys, *pydantic_problems(doc, exc.errors())]) from None
-    if doc.duplicate_keys:
-        raise CardError(doc.duplicate_keys)
     return card
 
 

@@ -7,7 +7,6 @@ Every field's docstring is its reference documentation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -17,13 +16,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from gateway.yamldoc import Problem, YamlDocument, YamlDocumentError, pydantic_problems
+from gateway.yamldoc import Problem, YamlDocument, YamlDocumentError, read_validated
 
 FeatureType = Literal["float", "int", "bool", "category", "string"]
 Scalar = float | int | bool | str
@@ -191,21 +189,11 @@ class LoadedPolicy(BaseModel):
 def load_policy(path: Path) -> LoadedPolicy:
     """Read and validate one policy file, or raise PolicyError listing every problem."""
     try:
-        doc = YamlDocument.read(path)
+        policy, doc = read_validated(path, Policy, "a policy")
     except YamlDocumentError as exc:
-        raise PolicyError(exc.problems) from None
-    if not isinstance(doc.data, dict):
-        raise PolicyError([*doc.duplicate_keys, doc.problem((), "a policy must be a YAML mapping")])
-    named = doc.data.get("model")
-    model = named if isinstance(named, str) else None
-    try:
-        policy = Policy.model_validate(doc.data)
-    except ValidationError as exc:
-        raise PolicyError([*doc.duplicate_keys, *pydantic_problems(doc, exc.errors())], model) from None
-    if doc.duplicate_keys:
-        raise PolicyError(doc.duplicate_keys, model)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoadedPolicy(policy=policy, source=str(path), sha256=digest, document=doc)
+        named = exc.data.get("model") if isinstance(exc.data, dict) else None
+        raise PolicyError(exc.problems, named if isinstance(named, str) else None) from None
+    return LoadedPolicy(policy=policy, source=str(path), sha256=doc.sha256, document=doc)
 
 
 def policy_files(directory: Path) -> list[Path]:

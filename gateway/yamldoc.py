@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 try:  # the C loader is much faster when PyYAML was built with libyaml
     from yaml import CSafeLoader as _Loader
@@ -32,11 +34,13 @@ class Problem:
 
 
 class YamlDocumentError(Exception):
-    """A document could not be read or parsed; carries every problem found."""
+    """A document could not be read, parsed or validated; carries every problem found."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], data: Any = None) -> None:
         super().__init__("; ".join(p.describe() for p in problems))
         self.problems = problems
+        self.data = data
+        """What the document held, when it could be parsed (to name the file's subject in reports)."""
 
 
 def format_path(loc: Sequence[str | int]) -> str:
@@ -55,6 +59,7 @@ class YamlDocument:
 
     def __init__(self, file: str, text: str) -> None:
         self.file = file
+        self.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         try:
             self.root = yaml.compose(text, Loader=_Loader)
         except yaml.YAMLError as exc:
@@ -70,7 +75,7 @@ class YamlDocument:
     def read(cls, path: Path) -> YamlDocument:
         """Read and parse a file; unreadable files become a positioned problem."""
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise YamlDocumentError([Problem(str(path), 1, 1, "", f"cannot read file: {exc}")]) from None
         return cls(str(path), text)
@@ -132,6 +137,24 @@ class YamlDocument:
             for i, item in enumerate(node.value):
                 problems += self._duplicate_keys(item, (*loc, i))
         return problems
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def read_validated(path: Path, model: type[Model], what: str,
+                   prepare: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> tuple[Model, YamlDocument]:
+    """Read a YAML mapping and validate it as `model`; YamlDocumentError lists every problem."""
+    doc = YamlDocument.read(path)
+    if not isinstance(doc.data, dict):
+        raise YamlDocumentError([*doc.duplicate_keys, doc.problem((), f"{what} must be a YAML mapping")])
+    try:
+        value = model.model_validate(prepare(doc.data))
+    except ValidationError as exc:
+        raise YamlDocumentError([*doc.duplicate_keys, *pydantic_problems(doc, exc.errors())], doc.data) from None
+    if doc.duplicate_keys:
+        raise YamlDocumentError(doc.duplicate_keys, doc.data)
+    return value, doc
 
 
 def pydantic_problems(doc: YamlDocument, errors: list[Any]) -> list[Problem]:
