@@ -190,5 +190,5 @@ def _serve_model(name: str, versions: dict[str, ModelVersion], policy: LoadedPol
     else:
         default = max(served, key=version_key) if served else None
         if default is None:
-            reason = "no version could be loaded: " + "; ".join(f"{v}: {r}" for v, r in sorted(reasons.items()))
+            reason = "no version can serve: " + "; ".join(f"{v}: {r}" for v, r in sorted(reasons.items()))
     return ServedModel(name, versions, served, policy, default, reason, reasons)
