@@ -18,11 +18,11 @@ from gateway import __version__
 from gateway.api import health, inference
 from gateway.api.errors import json_response
 from gateway.pipeline import InferencePipeline
-from gateway.registry import Snapshot, build_snapshot
+from gateway.registry import BreakerBoard, Snapshot, build_snapshot
 from gateway.repository import ModelRepository
 from gateway.runtime import RuntimeOptions
 from gateway.settings import Settings
-from gateway.telemetry import Metrics
+from gateway.telemetry import BREAKER_CODES, Metrics
 
 log = logging.getLogger("gateway")
 
@@ -41,12 +41,15 @@ class Gateway:
             RuntimeOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
         )
         self.snapshot = Snapshot(models={}, policy_problems=["models are still loading"])
-        self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor)
+        self.breakers = BreakerBoard(on_change=self.metrics.breaker_changed)
+        self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences)
+        self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
 
     async def load(self) -> None:
         """Load every model version and policy off the event loop, then publish the snapshot."""
         snapshot = await asyncio.to_thread(
-            build_snapshot, self.repository, self.settings.policies_dir, self.settings.max_listed_violations)
+            build_snapshot, self.repository, self.settings.policies_dir, self.settings.max_listed_violations,
+            self.breakers, self.settings.allow_fault_injection)
         self.publish(snapshot)
 
     def publish(self, snapshot: Snapshot) -> None:
@@ -57,6 +60,10 @@ class Gateway:
             m.model_ready.labels(model.name).set(1 if model.ready else 0)
             for version in model.versions:
                 m.version_ready.labels(model.name, version).set(1 if version in model.served else 0)
+            for version, served in model.served.items():
+                m.breaker_state.labels(model.name, version).set(BREAKER_CODES[served.breaker.state])
+            for problem in model.problems:
+                log.warning("model %s: %s", model.name, problem)
         m.policy_problems.set(len(snapshot.policy_problems))
         for problem in snapshot.policy_problems:
             log.error("policy problem: %s", problem)

@@ -6,6 +6,7 @@ known datatypes); what the model needs is the validator's job. Every problem is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ class DecodedRequest:
     outputs: list[str] | None = None
     binary_outputs: set[str] = field(default_factory=set)
     binary_by_default: bool = False
+    timeout_ms: float | None = None
+    """The client's deadline from the body (`parameters.timeout_ms`, or Triton's `timeout` in µs)."""
 
 
 @dataclass
@@ -124,7 +127,27 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
             flag = (o.parameters or {}).get("binary_data")
             if flag is True or (flag is None and default_binary):
                 binary_outputs.add(o.name)
-    return DecodedRequest(columns, request.id, outputs, binary_outputs, default_binary)
+    return DecodedRequest(columns, request.id, outputs, binary_outputs, default_binary,
+                          _timeout_ms(request.parameters or {}))
+
+
+def _timeout_ms(parameters: dict[str, Any]) -> float | None:
+    if "timeout_ms" in parameters:
+        return positive_ms(parameters["timeout_ms"], "parameters.timeout_ms")
+    if "timeout" in parameters:  # tritonclient's infer(timeout=...) sends microseconds
+        value = positive_ms(parameters["timeout"], "parameters.timeout")
+        return value / 1000
+    return None
+
+
+def positive_ms(value: Any, where: str) -> float:
+    """A positive finite number of milliseconds, or MalformedRequest."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # a non-number is reported just below
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MalformedRequest([_malformed(where, "a positive number", repr(value)[:40])])
+    return float(value)
 
 
 def _pydantic_violation(error: Any) -> Violation:

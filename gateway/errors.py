@@ -10,7 +10,10 @@
     │   ├── ModelNotFound             no such model
     │   └── VersionNotFound           no such version of a known model
     ├── Unavailable                   the model or version exists but cannot answer now
-    └── InferenceFailed               the runtime raised while running a valid request
+    │   ├── CircuitOpen               the version's breaker is open (or half-open with a trial in flight)
+    │   └── Overloaded                too many model calls are already waiting
+    ├── InferenceTimeout              the deadline passed before the model answered   [counts]
+    └── InferenceFailed               the runtime raised while running a valid request [counts]
 
 The API layer maps each leaf to an HTTP status in one table (`gateway.api.errors`).
 """
@@ -132,6 +135,20 @@ class VersionNotFound(ClientError):
 
 class Unavailable(GatewayError):
     """The model or version exists but is not ready to answer."""
+
+
+class CircuitOpen(Unavailable):
+    """The version's circuit breaker does not let this call through."""
+
+
+class Overloaded(Unavailable):
+    """More model calls are queued than the process allows; answering now beats queueing."""
+
+
+class InferenceTimeout(GatewayError):
+    """The request's deadline passed before the model answered (the run is cancelled)."""
+
+    counts_against_breaker = True
 
 
 class InferenceFailed(GatewayError):

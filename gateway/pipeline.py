@@ -1,50 +1,174 @@
-"""The request path as one recipe: snapshot, resolve the version, validate, run, answer.
+"""The request path as one recipe: snapshot, resolve, validate, guard, run, fallback, answer.
 
-Knows nothing of HTTP. Later safety nets (route, guard, fallback, side paths) slot in here, in
-the order the design's hot path shows.
+Knows nothing of HTTP. Every way a model can fail to answer in time (no routable version, open
+breaker, overload, deadline, runtime error) ends in the policy's fallback when it has one, or in
+the matching error when it has none; client errors never reach the model or the fallback.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
 
 from gateway.codec import Answer
-from gateway.errors import SchemaViolation, Violation
-from gateway.registry import ServedVersion, Snapshot
+from gateway.errors import (
+    CircuitOpen,
+    InferenceFailed,
+    InferenceTimeout,
+    Overloaded,
+    SchemaViolation,
+    Unavailable,
+    Violation,
+)
+from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.validation import Column, ValidatedBatch
+
+#: why the fallback answered, by the failure that sent the request there
+FALLBACK_REASONS: dict[type[Exception], str] = {
+    CircuitOpen: "circuit_open",
+    Overloaded: "overloaded",
+    InferenceTimeout: "timeout",
+    InferenceFailed: "runtime_error",
+    Unavailable: "unavailable",
+}
+_RECOVERABLE = (CircuitOpen, Overloaded, InferenceTimeout, InferenceFailed)
+
+
+@dataclass
+class InferenceCall:
+    """One decoded request as the pipeline sees it."""
+
+    model: str
+    version: str | None
+    columns: dict[str, Column]
+    outputs: list[str] | None
+    request_id: str | None
+    arrived: float
+    """Loop time the request arrived; the deadline counts from here."""
+    timeout_ms: float | None = None
+    """The client's own deadline, if it asked for one (it can shorten the policy's, never extend it)."""
 
 
 class InferencePipeline:
-    """Turns decoded request columns into an Answer from one model version."""
+    """Turns decoded requests into answers from a model version or from the fallback."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], executor: ThreadPoolExecutor) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], executor: ThreadPoolExecutor,
+                 max_queued: int = 256) -> None:
         self._snapshot = snapshot
         self._executor = executor
+        self._max_queued = max_queued
+        self.in_flight = 0
+        self.fallbacks: Counter[tuple[str, str]] = Counter()
+        self.answered: Counter[str] = Counter()
 
-    async def infer(self, model: str, version: str | None, columns: dict[str, Column],
-                    outputs: list[str] | None, request_id: str | None) -> tuple[Answer, ValidatedBatch]:
-        """Answer one request; raises a GatewayError subclass on any failure."""
-        served = self._snapshot().model(model).resolve(version)
-        batch = served.validator.validate(columns)
-        wanted = _requested_outputs(served, outputs)
-        assert served.entry.model is not None  # a served version always has a session
-        results = await served.entry.model.predict(batch.feeds, wanted, self._executor)
-        datatypes = {t.name: t.datatype for t in served.entry.model.signature.outputs}
-        answer = Answer(
-            model=model,
-            version=served.entry.version,
-            request_id=request_id if request_id is not None else uuid.uuid4().hex,
-            outputs=results,
-            datatypes=datatypes,
-            rows=batch.rows,
-        )
+    async def infer(self, call: InferenceCall) -> tuple[Answer, ValidatedBatch]:
+        """Answer one request; raises a GatewayError subclass when neither model nor fallback can."""
+        model = self._snapshot().model(call.model)
+        budget = model.timeout_s if call.timeout_ms is None else min(model.timeout_s, call.timeout_ms / 1000)
+        deadline = call.arrived + budget
+        request_id = call.request_id if call.request_id is not None else uuid.uuid4().hex
+        try:
+            served = model.resolve(call.version)
+        except Unavailable as exc:
+            if model.fallback is None:
+                raise
+            batch = model.fallback.validator.validate(call.columns)
+            return self._fallback(model, batch, call.outputs, request_id, exc, call.version or ""), batch
+
+        batch = served.validator.validate(call.columns)
+        wanted = _requested_outputs(served, call.outputs)
+        run_outputs = _with_score(served, model, wanted)
+        try:
+            results = await self._guarded_run(served, batch, run_outputs, deadline)
+        except _RECOVERABLE as exc:
+            if model.fallback is None:
+                raise
+            return self._fallback(model, batch, wanted, request_id, exc, served.entry.version), batch
+        answer = self._model_answer(model, served, batch, results, wanted, request_id,
+                                    "pinned" if call.version is not None else "stable")
         return answer, batch
+
+    async def _guarded_run(self, served: ServedVersion, batch: ValidatedBatch, outputs: list[str] | None,
+                           deadline: float) -> dict[str, np.ndarray]:
+        if self.in_flight >= self._max_queued:
+            raise Overloaded(f"{self.in_flight} model calls are already in flight or queued "
+                             f"(GATEWAY_MAX_QUEUED_INFERENCES={self._max_queued})")
+        ticket = served.breaker.admit()
+        self.in_flight += 1
+        try:
+            assert served.entry.model is not None
+            before_run = served.faults.before_run() if served.faults else None
+            results = await served.entry.model.predict(batch.feeds, outputs, self._executor, deadline, before_run)
+        except (InferenceTimeout, InferenceFailed) as exc:
+            served.breaker.record(ticket, exc)
+            raise
+        except BaseException:  # e.g. the client went away: the call taught us nothing
+            served.breaker.release(ticket)
+            raise
+        else:
+            served.breaker.record(ticket, None)
+        finally:
+            self.in_flight -= 1
+        return results
+
+    def _model_answer(self, model: ServedModel, served: ServedVersion, batch: ValidatedBatch,
+                      results: dict[str, np.ndarray], wanted: list[str] | None, request_id: str,
+                      route: str) -> Answer:
+        assert served.entry.model is not None
+        datatypes = {t.name: t.datatype for t in served.entry.model.signature.outputs}
+        parameters: dict[str, str | int | float | bool] = {"route": route}
+        low = model.fallback.low_confidence if model.fallback else None
+        score = served.entry.card.score if served.entry.card else None
+        if low is not None and score is not None and model.fallback is not None:
+            column = results[score.output].reshape(batch.rows, -1)
+            values = column[:, score.index or 0].astype(np.float64)
+            shaky = np.flatnonzero((values >= low.band[0]) & (values <= low.band[1]))
+            if len(shaky):
+                parameters["low_confidence_rows"] = ",".join(map(str, shaky))
+                if low.action == "review":
+                    parameters["review"] = True
+                else:
+                    fb = model.fallback.rules.answer(batch.feeds, batch.rows)
+                    for name, array in results.items():
+                        if name in fb.outputs:
+                            array[shaky] = fb.outputs[name][shaky]
+                    parameters["fallback_rows"] = ",".join(map(str, shaky))
+                    parameters["fallback_reason"] = "low_confidence"
+                    self.fallbacks[(model.name, "low_confidence")] += 1
+        if wanted is not None:
+            results = {name: results[name] for name in wanted}
+        self.answered[model.name] += 1
+        return Answer(model.name, served.entry.version, request_id, results, datatypes, batch.rows, parameters)
+
+    def _fallback(self, model: ServedModel, batch: ValidatedBatch, wanted: list[str] | None,
+                  request_id: str, cause: Exception, attempted: str) -> Answer:
+        assert model.fallback is not None
+        rules = model.fallback.rules
+        known = [t.name for t in rules.outputs]
+        unknown = [name for name in (wanted or []) if name not in known]
+        if unknown:
+            raise SchemaViolation([Violation(f"outputs ({name})", "unknown_output", f"one of {known}", repr(name))
+                                   for name in unknown])
+        answer = rules.answer(batch.feeds, batch.rows, list(dict.fromkeys(wanted)) if wanted else None)
+        reason = next(r for cls, r in FALLBACK_REASONS.items() if isinstance(cause, cls))
+        self.fallbacks[(model.name, reason)] += 1
+        self.answered[model.name] += 1
+        parameters: dict[str, str | int | float | bool] = {
+            "route": "fallback", "fallback": True, "fallback_reason": reason,
+            "fallback_rules": ",".join(answer.rules), "attempted_version": attempted,
+            "fallback_detail": cause.args[0] if cause.args else reason,
+        }
+        return Answer(model.name, "fallback", request_id, answer.outputs,
+                      {t.name: t.datatype for t in rules.outputs}, batch.rows, parameters)
 
 
 def _requested_outputs(served: ServedVersion, outputs: list[str] | None) -> list[str] | None:
-    if outputs is None:
+    if not outputs:
         return None
     assert served.entry.model is not None
     known = served.entry.model.output_names
@@ -53,3 +177,11 @@ def _requested_outputs(served: ServedVersion, outputs: list[str] | None) -> list
         raise SchemaViolation([Violation(f"outputs ({name})", "unknown_output", f"one of {known}", repr(name))
                                for name in unknown])
     return list(dict.fromkeys(outputs))
+
+
+def _with_score(served: ServedVersion, model: ServedModel, wanted: list[str] | None) -> list[str] | None:
+    """The outputs to compute: the wanted ones, plus the score when low-confidence checks need it."""
+    score = served.entry.card.score if served.entry.card else None
+    if wanted is None or model.fallback is None or model.fallback.low_confidence is None or score is None:
+        return wanted
+    return wanted if score.output in wanted else [*wanted, score.output]

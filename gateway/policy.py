@@ -21,9 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.rules import Kind, RuleError, check_condition, parse_condition
 from gateway.yamldoc import Problem, YamlDocument, YamlDocumentError, read_validated
 
 FeatureType = Literal["float", "int", "bool", "category", "string"]
+_RULE_KINDS: dict[str, Kind] = {"float": "number", "int": "number", "bool": "bool", "category": "string",
+                                "string": "string"}
 Scalar = float | int | bool | str
 
 
@@ -150,6 +153,85 @@ class Routing(_Policy):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class Breaker(_Policy):
+    """Per-version circuit breaker: trips after `fail_max` consecutive failures."""
+
+    fail_max: int = Field(default=5, ge=1, le=10_000)
+    """Consecutive failures (timeouts, runtime errors) that open the breaker."""
+    reset_timeout_s: float = Field(default=30.0, gt=0, le=86_400)
+    """Seconds an open breaker waits before letting one trial request through (half-open)."""
+
+
+class Guard(_Policy):
+    """Deadline and circuit breaker around every model call."""
+
+    timeout_ms: float = Field(default=1000.0, gt=0, le=600_000)
+    """Deadline per request, from arrival to answer; clients may ask for less, never more."""
+    breaker: Breaker = Breaker()
+    """The circuit breaker each version of the model gets."""
+
+
+class FallbackRule(_Policy):
+    """One rule: when the condition holds for a row, answer that row with `output`."""
+
+    name: str | None = None
+    """Label reported in answers and metrics (default: `rules[i]`)."""
+    when: str = Field(min_length=1)
+    """Condition in the rule language (see README), e.g. `income < 10000 or delinquencies_2y >= 3`."""
+    output: dict[str, Any]
+    """Value of every model output for a matching row (per-row shape: a scalar, or a list)."""
+
+    @field_validator("when")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        parse_condition(value)  # RuleError is a ValueError: pydantic reports it at this field
+        return value
+
+
+class LowConfidence(_Policy):
+    """Model answers whose score falls inside a band are not trusted as they are."""
+
+    band: tuple[float, float]
+    """Inclusive [low, high] range of the model's score (the card's `score` output element)."""
+    action: Literal["fallback", "review"] = "review"
+    """`fallback`: such rows get the fallback rules' answer; `review`: kept, and marked for human review."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LowConfidence:
+        if self.band[0] > self.band[1]:
+            raise ValueError(f"band low {self.band[0]} is above high {self.band[1]}")
+        return self
+
+
+class Fallback(_Policy):
+    """Rule-based answers for when no model version can answer (or should not be trusted)."""
+
+    rules: list[FallbackRule] = []
+    """Ordered rules; the first whose condition holds answers a row."""
+    default: dict[str, Any]
+    """Outputs for rows no rule matches."""
+    low_confidence: LowConfidence | None = None
+    """Optional band of model scores to send to the fallback or to mark for review."""
+
+
+class Fault(_Policy):
+    """Injected faults for one version (rehearsal only; the server needs GATEWAY_ALLOW_FAULT_INJECTION)."""
+
+    version: Annotated[str, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})]
+    """The version whose calls are disturbed."""
+    delay_ms: float = Field(default=0.0, ge=0, le=600_000)
+    """Extra time a delayed call takes (the deadline still applies)."""
+    delay_percent: float = Field(default=0.0, ge=0, le=100)
+    """Share of calls that are delayed, in percent."""
+    error_percent: float = Field(default=0.0, ge=0, le=100)
+    """Share of calls that fail with an injected runtime error, in percent."""
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class Policy(_Policy):
     """Everything the gateway enforces for one model."""
 
@@ -163,6 +245,25 @@ class Policy(_Policy):
     """The request schema (`schema:` in YAML)."""
     routing: Routing = Routing()
     """Version routing."""
+    guard: Guard = Guard()
+    """Deadline and circuit breaker."""
+    fallback: Fallback | None = None
+    """Rule-based answers when the model cannot answer; without it such requests get 503/504."""
+    faults: list[Fault] = []
+    """Fault injection for rehearsals; refused unless the server allows it."""
+
+    def rule_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Fallback conditions naming unknown features or comparing unlike kinds, with their paths."""
+        if self.fallback is None:
+            return []
+        kinds = {name: _RULE_KINDS[spec.type] for name, spec in self.input_schema.features.items()}
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for i, rule in enumerate(self.fallback.rules):
+            try:
+                check_condition(parse_condition(rule.when), kinds)
+            except RuleError as exc:
+                problems.append((("fallback", "rules", i, "when"), str(exc)))
+        return problems
 
 
 class PolicyError(Exception):
@@ -193,6 +294,9 @@ def load_policy(path: Path) -> LoadedPolicy:
     except YamlDocumentError as exc:
         named = exc.data.get("model") if isinstance(exc.data, dict) else None
         raise PolicyError(exc.problems, named if isinstance(named, str) else None) from None
+    rule_problems = policy.rule_problems()
+    if rule_problems:
+        raise PolicyError([doc.problem(loc, message) for loc, message in rule_problems], policy.model)
     return LoadedPolicy(policy=policy, source=str(path), sha256=doc.sha256, document=doc)
 
 

@@ -59,7 +59,7 @@ def check_policy_file(path: Path, models_dir: Path) -> CheckReport:
         except CardError as exc:
             report.warnings.append(doc.problem(("model",), f"version {version} has an invalid card: {exc}"))
             continue
-        for misfit in policy_misfits(policy, card.signature):
+        for misfit in policy_misfits(policy, card.signature, card.score):
             grouped.setdefault((misfit.loc, misfit.message, misfit.error), []).append(version)
     for (loc, message, is_error), where in grouped.items():
         label = "version" if len(where) == 1 else "versions"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.card import Signature
-from gateway.policy import FeatureType, Policy
+from gateway.card import ScoreSpec, Signature, TensorSpec
+from gateway.fallback import output_problems
+from gateway.policy import FeatureSpec, FeatureType, Policy
 from gateway.tensors import FLOAT_TYPES, INT_TYPES
 
 #: which model input datatypes each policy feature type may feed
@@ -27,8 +29,8 @@ class Misfit:
     error: bool = True
 
 
-def policy_misfits(policy: Policy, signature: Signature) -> list[Misfit]:
-    """Every disagreement between the policy's input schema and the model's signature."""
+def policy_misfits(policy: Policy, signature: Signature, score: ScoreSpec | None = None) -> list[Misfit]:
+    """Every disagreement between the policy and a version: inputs, fallback outputs, score band."""
     found: list[Misfit] = []
     inputs = {t.name: t for t in signature.inputs}
     covered: set[str] = set()
@@ -58,4 +60,33 @@ def policy_misfits(policy: Policy, signature: Signature) -> list[Misfit]:
     for target in sorted(inputs.keys() - covered):
         found.append(Misfit(("schema", "features"), f"model input {target!r} has no feature in the policy; it is "
                                                     "checked against the signature only", error=False))
+    return found + _fallback_misfits(policy, signature, score)
+
+
+def _fallback_misfits(policy: Policy, signature: Signature, score: ScoreSpec | None) -> list[Misfit]:
+    fallback = policy.fallback
+    if fallback is None:
+        return []
+    found = []
+    choices: list[tuple[tuple[str | int, ...], dict[str, object]]] = [
+        (("fallback", "rules", i, "output"), rule.output) for i, rule in enumerate(fallback.rules)]
+    choices.append((("fallback", "default"), fallback.default))
+    for loc, values in choices:
+        for name, message in output_problems(values, signature.outputs):
+            found.append(Misfit((*loc, name) if name in values else loc, message))
+    if fallback.low_confidence is not None:
+        loc = ("fallback", "low_confidence")
+        outputs = {t.name: t for t in signature.outputs}
+        if score is None:
+            found.append(Misfit(loc, "the model card names no `score` output, so there is no score to band"))
+        elif score.output not in outputs:
+            found.append(Misfit(loc, f"the card's score output {score.output!r} is not a model output"))
     return found
+
+
+def feature_signature(features: Mapping[str, FeatureSpec]) -> Signature:
+    """A signature that carries the policy's features as they are (for validating without a model)."""
+    kinds = {"float": "FP64", "int": "FP64", "bool": "FP64", "category": "BYTES", "string": "BYTES"}
+    inputs = [TensorSpec(name=spec.input or name, datatype=kinds[spec.type], shape=[-1, 1])
+              for name, spec in features.items()]
+    return Signature(inputs=inputs, outputs=[])

@@ -7,13 +7,27 @@ handlers take the current snapshot once and never lock.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.breaker import CLOSED, AsyncBreaker, StateListener
 from gateway.errors import ModelNotFound, Unavailable, VersionNotFound
-from gateway.policy import LoadedPolicy, PolicyError, load_policy, policy_files
-from gateway.policy_fit import policy_misfits
+from gateway.fallback import FallbackRules, output_problems
+from gateway.faults import FaultInjector
+from gateway.policy import (
+    Breaker,
+    Guard,
+    LoadedPolicy,
+    LowConfidence,
+    Policy,
+    PolicyError,
+    load_policy,
+    policy_files,
+)
+from gateway.policy_fit import feature_signature, policy_misfits
 from gateway.repository import ModelRepository, ModelVersion, version_key
 from gateway.validation import RequestValidator
 
@@ -22,15 +36,26 @@ log = logging.getLogger("gateway.registry")
 
 @dataclass(frozen=True)
 class ServedVersion:
-    """A ready version and the validator compiled for it."""
+    """A ready version with what guards it: its validator, breaker and (rehearsal) faults."""
 
     entry: ModelVersion
     validator: RequestValidator
+    breaker: AsyncBreaker
+    faults: FaultInjector | None = None
+
+
+@dataclass(frozen=True)
+class ModelFallback:
+    """A model's compiled fallback, with the validator it uses when no version can validate."""
+
+    rules: FallbackRules
+    validator: RequestValidator
+    low_confidence: LowConfidence | None
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One model: its versions (ready or not), policy, and the version unversioned requests use."""
+    """One model: its versions (ready or not), policy, guard and fallback, and its default version."""
 
     name: str
     versions: dict[str, ModelVersion]
@@ -39,11 +64,19 @@ class ServedModel:
     default_version: str | None
     not_ready_reason: str = ""
     version_reasons: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = Guard().timeout_ms / 1000
+    fallback: ModelFallback | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def routable(self) -> bool:
+        """Whether unversioned requests have a model version to go to."""
+        return self.default_version is not None
 
     @property
     def ready(self) -> bool:
-        """Whether unversioned requests can be answered."""
-        return self.default_version is not None
+        """Whether unversioned requests get an answer: from a version, or else from the fallback."""
+        return self.routable or self.fallback is not None
 
     def entry(self, version: str) -> ModelVersion:
         """A version's repository entry, whether or not it serves; VersionNotFound if unknown."""
@@ -66,24 +99,68 @@ class ServedModel:
                               f"{self.version_reasons.get(version, 'not loaded')}")
         return served
 
+    def degraded_reasons(self) -> list[str]:
+        """Why this model is not running as its owner intended, right now (empty when healthy)."""
+        reasons = list(self.problems)
+        if not self.routable:
+            reasons.append(f"no routable version ({self.not_ready_reason})"
+                           + ("; the fallback answers" if self.fallback else ""))
+        reasons += [f"version {v} not serving: {r}" for v, r in sorted(self.version_reasons.items())]
+        for v, served in sorted(self.served.items()):
+            if served.breaker.state != CLOSED:
+                reasons.append(f"version {v} circuit breaker {served.breaker.state}")
+            if served.faults is not None:
+                reasons.append(f"version {v} has fault injection active")
+        return reasons
+
     def status(self) -> dict[str, Any]:
         """JSON-ready description for the status endpoint."""
         versions = []
         for v in sorted(self.versions, key=version_key):
             item = self.versions[v].status()
-            if v not in self.served:
+            served = self.served.get(v)
+            if served is None:
                 item["state"] = "failed"
                 item["reason"] = self.version_reasons.get(v) or item["reason"]
+            else:
+                item["breaker"] = served.breaker.status()
+                item["faults"] = served.faults.status() if served.faults else None
             versions.append(item)
+        degraded = self.degraded_reasons()
         return {
             "name": self.name,
             "ready": self.ready,
+            "routable": self.routable,
             "reason": self.not_ready_reason or None,
+            "degraded": bool(degraded),
+            "degraded_reasons": degraded,
             "default_version": self.default_version,
+            "timeout_ms": round(self.timeout_s * 1000, 3),
+            "fallback": ({"rules": len(self.fallback.rules.conditions),
+                          "low_confidence": self.fallback.low_confidence.model_dump()
+                          if self.fallback.low_confidence else None} if self.fallback else None),
             "policy": ({"source": self.policy.source, "sha256": self.policy.sha256}
                        if self.policy else None),
             "versions": versions,
         }
+
+
+class BreakerBoard:
+    """The breakers of every version, kept across snapshots so a rebuild does not reset them."""
+
+    def __init__(self, on_change: StateListener | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._breakers: dict[tuple[str, str], AsyncBreaker] = {}
+        self._on_change = on_change
+        self._clock = clock
+
+    def get(self, model: str, version: str, spec: Breaker) -> AsyncBreaker:
+        """The breaker of one version (a new one when its settings changed)."""
+        current = self._breakers.get((model, version))
+        if current is None or (current.fail_max, current.reset_timeout_s) != (spec.fail_max, spec.reset_timeout_s):
+            current = AsyncBreaker(f"{model}/{version}", spec.fail_max, spec.reset_timeout_s,
+                                   clock=self._clock, on_change=self._on_change)
+            self._breakers[(model, version)] = current
+        return current
 
 
 @dataclass(frozen=True)
@@ -143,7 +220,8 @@ def read_policies(directory: Path) -> tuple[dict[str, LoadedPolicy], list[Policy
     return policies, problems
 
 
-def build_snapshot(repository: ModelRepository, policy_dir: Path, max_listed: int) -> Snapshot:
+def build_snapshot(repository: ModelRepository, policy_dir: Path, max_listed: int,
+                   breakers: BreakerBoard | None = None, allow_faults: bool = False) -> Snapshot:
     """Load every version and policy and join them into a snapshot.
 
     A model whose policy file was rejected is not served at all (fail closed): serving it with
@@ -155,13 +233,18 @@ def build_snapshot(repository: ModelRepository, policy_dir: Path, max_listed: in
     for name in sorted(policies.keys() - loaded.keys()):
         lines.append(f"{policies[name].source}: model {name!r} is not in the model repository")
     rejected = {p.model: p.message for p in problems if p.model and p.model not in policies}
-    models = {name: _serve_model(name, versions, policies.get(name), max_listed, rejected.get(name, ""))
+    board = breakers or BreakerBoard()
+    models = {name: _serve_model(name, versions, policies.get(name), max_listed, rejected.get(name, ""),
+                                 board, allow_faults)
               for name, versions in loaded.items()}
     return Snapshot(models=models, policy_problems=lines)
 
 
 def _serve_model(name: str, versions: dict[str, ModelVersion], policy: LoadedPolicy | None,
-                 max_listed: int, policy_invalid: str) -> ServedModel:
+                 max_listed: int, policy_invalid: str, breakers: BreakerBoard, allow_faults: bool) -> ServedModel:
+    spec = policy.policy if policy else None
+    guard = spec.guard if spec else Guard()
+    faults, problems = _faults(spec, versions, allow_faults)
     served: dict[str, ServedVersion] = {}
     reasons: dict[str, str] = {}
     for v, entry in versions.items():
@@ -171,15 +254,17 @@ def _serve_model(name: str, versions: dict[str, ModelVersion], policy: LoadedPol
         if policy_invalid:
             reasons[v] = f"policy file rejected: {policy_invalid}"
             continue
-        misfits = [m for m in (policy_misfits(policy.policy, entry.signature) if policy else []) if m.error]
+        score = entry.card.score if entry.card else None
+        misfits = [m for m in (policy_misfits(spec, entry.signature, score) if spec else []) if m.error]
         if misfits:
             reasons[v] = "policy does not fit this version: " + "; ".join(m.message for m in misfits)
             log.error("model %s version %s not served: %s", name, v, reasons[v])
             continue
-        schema = policy.policy.input_schema if policy else None
-        served[v] = ServedVersion(entry, RequestValidator(entry.signature, schema, max_listed))
+        served[v] = ServedVersion(entry, RequestValidator(entry.signature, spec.input_schema if spec else None,
+                                                          max_listed),
+                                  breakers.get(name, v, guard.breaker), faults.get(v))
 
-    wanted = policy.policy.routing.stable if policy else None
+    wanted = spec.routing.stable if spec else None
     default: str | None
     reason = ""
     if wanted is not None:
@@ -191,4 +276,43 @@ def _serve_model(name: str, versions: dict[str, ModelVersion], policy: LoadedPol
         default = max(served, key=version_key) if served else None
         if default is None:
             reason = "no version can serve: " + "; ".join(f"{v}: {r}" for v, r in sorted(reasons.items()))
-    return ServedModel(name, versions, served, policy, default, reason, reasons)
+    fallback = None
+    if spec is not None and spec.fallback is not None and not policy_invalid:
+        fallback, problem = _fallback(spec, served, versions, default, max_listed)
+        problems += [problem] if problem else []
+    return ServedModel(name, versions, served, policy, default, reason, reasons, guard.timeout_ms / 1000,
+                       fallback, problems)
+
+
+def _faults(spec: Policy | None, versions: dict[str, ModelVersion],
+            allowed: bool) -> tuple[dict[str, FaultInjector], list[str]]:
+    if spec is None or not spec.faults:
+        return {}, []
+    if not allowed:
+        return {}, ["policy `faults` refused: this server does not allow fault injection "
+                    "(GATEWAY_ALLOW_FAULT_INJECTION=false)"]
+    problems = [f"policy `faults` names version {f.version!r}, which is not in the repository"
+                for f in spec.faults if f.version not in versions]
+    return {f.version: FaultInjector(f) for f in spec.faults if f.version in versions}, problems
+
+
+def _fallback(spec: Policy, served: dict[str, ServedVersion], versions: dict[str, ModelVersion],
+              default: str | None, max_listed: int) -> tuple[ModelFallback | None, str]:
+    """Compile the fallback against the model's output signature (from a served version or a card)."""
+    assert spec.fallback is not None
+    signature = None
+    for v in ([default] if default else []) + sorted(served, key=version_key, reverse=True):
+        signature = served[v].entry.signature
+        break
+    if signature is None:
+        signature = next((e.card.signature for e in versions.values() if e.card is not None), None)
+    if signature is None:
+        return None, "fallback unavailable: no version or card tells the model's output signature"
+    problems = [message for choice in (*(r.output for r in spec.fallback.rules), spec.fallback.default)
+                for _, message in output_problems(choice, signature.outputs)]
+    if problems:
+        return None, "fallback unavailable: " + "; ".join(problems)
+    features = spec.input_schema.features
+    rules = FallbackRules(spec.fallback, signature.outputs, features)
+    return ModelFallback(rules, RequestValidator(feature_signature(features), spec.input_schema, max_listed),
+                         spec.fallback.low_confidence), ""

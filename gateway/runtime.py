@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gateway.card import Signature, TensorSpec
-from gateway.errors import InferenceFailed
+from gateway.errors import InferenceFailed, InferenceTimeout
 from gateway.tensors import ONNX_TO_DATATYPE
 
 
@@ -22,6 +23,23 @@ class RuntimeOptions:
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+
+
+class RunControl:
+    """Cancels one run: onnxruntime stops at its next node, and injected delays wake up."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the run to stop (safe from any thread)."""
+        self.options.terminate = True
+        self.cancelled.set()
+
+
+#: runs in the worker thread just before the session; may sleep (waking on cancel) or raise
+BeforeRun = Callable[[RunControl], None]
 
 
 class UnsupportedModel(Exception):
@@ -46,21 +64,46 @@ class OnnxModel:
         )
         self.output_names = [o.name for o in self.signature.outputs]
 
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the session synchronously; runtime errors become InferenceFailed."""
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
+            control: RunControl | None = None, before_run: BeforeRun | None = None) -> dict[str, np.ndarray]:
+        """Run the session synchronously; runtime errors (and cancellation) become InferenceFailed."""
         names = list(outputs) if outputs else self.output_names
+        control = control or RunControl()
+        if before_run is not None:
+            before_run(control)
+        if control.cancelled.is_set():
+            raise InferenceFailed("run cancelled before it started (deadline passed while queued)")
         try:
-            results = self.session.run(names, dict(feeds))
+            results = self.session.run(names, dict(feeds), control.options)
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise InferenceFailed(f"onnxruntime failed: {exc}") from exc
         return {name: _canonical(result) for name, result in zip(names, results, strict=True)}
 
-    async def predict(
-        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None, executor: ThreadPoolExecutor
-    ) -> dict[str, np.ndarray]:
-        """Run on the bounded worker pool so the event loop keeps serving other requests."""
+    async def predict(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None,
+                      executor: ThreadPoolExecutor, deadline: float | None = None,
+                      before_run: BeforeRun | None = None) -> dict[str, np.ndarray]:
+        """Run on the bounded worker pool; at the deadline (loop time) answer InferenceTimeout at once.
+
+        The abandoned run is cancelled so its worker is freed: onnxruntime checks the terminate
+        flag between nodes, and a run still queued never starts.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.run, feeds, outputs)
+        control = RunControl()
+        future = loop.run_in_executor(executor, self.run, feeds, outputs, control, before_run)
+        if deadline is None:
+            return await future
+        done, _ = await asyncio.wait({future}, timeout=max(deadline - loop.time(), 0.0))
+        if done:
+            return future.result()
+        control.cancel()
+        future.add_done_callback(_forget)
+        raise InferenceTimeout("deadline passed before the model answered; the run was cancelled")
+
+
+def _forget(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned run's outcome so asyncio does not warn that nobody did."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _canonical(array: np.ndarray) -> np.ndarray:

@@ -33,5 +33,12 @@ class Settings(BaseSettings):
     """onnxruntime intra-op threads per session."""
     ort_inter_op_threads: int = Field(default=1, ge=1, le=64)
     """onnxruntime inter-op threads per session."""
+    max_queued_inferences: int = Field(default=256, ge=1, le=100_000)
+    """Model calls allowed in flight or waiting for a worker; beyond it requests are answered at once
+    (fallback reason `overloaded`, or 503) instead of queueing past their deadlines."""
+    drain_timeout_s: int = Field(default=10, ge=0, le=600)
+    """On SIGTERM: stop accepting, and give in-flight requests this long to finish."""
+    allow_fault_injection: bool = False
+    """Apply policies' `faults` sections (rehearsals in staging and tests); refused when false."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway and uvicorn."""

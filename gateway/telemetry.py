@@ -11,6 +11,9 @@ UNKNOWN_MODEL = "_unknown"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}
+
+
 class Metrics:
     """Every metric the gateway exports."""
 
@@ -33,6 +36,19 @@ class Metrics:
         self.ignored_fields = Counter(
             "gateway_ignored_fields", "Unknown request fields ignored under unknown_fields: ignore.",
             ["model"], registry=self.registry)
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Answers given wholly (or for some rows: low_confidence) by the fallback rules, by reason.",
+            ["model", "reason"], registry=self.registry)
+        self.breaker_state = Gauge(
+            "gateway_breaker_state", "Circuit breaker state per version: 0 closed, 1 half-open, 2 open.",
+            ["model", "version"], registry=self.registry)
+        self.breaker_transitions = Counter(
+            "gateway_breaker_transitions", "Circuit breaker state changes per version, by new state.",
+            ["model", "version", "state"], registry=self.registry)
+        self.in_flight = Gauge(
+            "gateway_inferences_in_flight", "Model calls running or waiting for a worker thread.",
+            registry=self.registry)
         self.version_ready = Gauge(
             "gateway_model_version_ready", "1 when a model version is loaded and serving, else 0.",
             ["model", "version"], registry=self.registry)
@@ -41,6 +57,12 @@ class Metrics:
             ["model"], registry=self.registry)
         self.policy_problems = Gauge(
             "gateway_policy_problems", "Policy files rejected at the last load.", registry=self.registry)
+
+    def breaker_changed(self, name: str, old: str, new: str) -> None:
+        """Listener for breaker transitions (`name` is `model/version`)."""
+        model, _, version = name.rpartition("/")
+        self.breaker_state.labels(model, version).set(BREAKER_CODES.get(new, -1))
+        self.breaker_transitions.labels(model, version, new).inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -8,6 +8,7 @@ from starlette.responses import Response
 from gateway.errors import (
     GatewayError,
     InferenceFailed,
+    InferenceTimeout,
     MalformedRequest,
     ModelNotFound,
     RequestTooLarge,
@@ -27,6 +28,7 @@ STATUS: dict[type[GatewayError], tuple[int, str]] = {
     ModelNotFound: (404, "not_found"),
     VersionNotFound: (404, "not_found"),
     Unavailable: (503, "unavailable"),
+    InferenceTimeout: (504, "timeout"),
     InferenceFailed: (500, "error"),
 }
 

@@ -127,9 +127,21 @@ async def status(request: Request) -> Response:
     """Everything an operator wants at a glance: models, versions, policies, problems."""
     gateway = _gateway(request)
     snapshot = gateway.snapshot
+    pipeline = gateway.pipeline
+    models = []
+    for model in snapshot.models.values():
+        item = model.status()
+        answered = pipeline.answered[model.name]
+        by_reason = {r: n for (m, r), n in pipeline.fallbacks.items() if m == model.name}
+        item["answers"] = {"total": answered, "fallbacks": by_reason,
+                           "fallback_rate": round(sum(by_reason.values()) / answered, 6) if answered else 0.0}
+        models.append(item)
+    degraded = bool(snapshot.policy_problems) or any(m["degraded"] for m in models)
     return json_response({
-        "server": {"name": SERVER_NAME, "version": gateway.version, "ready": snapshot.ready},
-        "models": [m.status() for m in snapshot.models.values()],
+        "server": {"name": SERVER_NAME, "version": gateway.version, "ready": snapshot.ready,
+                   "degraded": degraded, "in_flight": pipeline.in_flight,
+                   "fault_injection_allowed": gateway.settings.allow_fault_injection},
+        "models": models,
         "policy_problems": snapshot.policy_problems,
     })
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -13,8 +14,9 @@ from starlette.responses import Response
 
 from gateway.api.body import header_length, read_body
 from gateway.api.errors import error_response, status_of
-from gateway.codec import Answer, DecodedRequest, decode_v1, decode_v2, encode_v1, encode_v2
+from gateway.codec import Answer, DecodedRequest, decode_v1, decode_v2, encode_v1, encode_v2, positive_ms
 from gateway.errors import GatewayError, SchemaViolation
+from gateway.pipeline import InferenceCall
 from gateway.registry import ServedModel
 from gateway.telemetry import UNKNOWN_MODEL
 
@@ -64,11 +66,17 @@ async def _serve(request: Request, protocol: str, model: str, version: str | Non
     label = model if served_model is not None else UNKNOWN_MODEL
     version_label = _version_label(served_model, version)
     request_id = request.headers.get("x-request-id")
+    arrived = asyncio.get_running_loop().time()
     try:
         body = await read_body(request, gateway.settings.max_body_bytes)
         decoded = decode(body, request)
-        answer, batch = await gateway.pipeline.infer(model, version, decoded.columns, decoded.outputs,
-                                                     decoded.id if decoded.id is not None else request_id)
+        header_timeout = request.headers.get("x-timeout-ms")
+        timeout_ms = positive_ms(header_timeout, "X-Timeout-Ms") if header_timeout is not None else None
+        if decoded.timeout_ms is not None:
+            timeout_ms = decoded.timeout_ms if timeout_ms is None else min(timeout_ms, decoded.timeout_ms)
+        call = InferenceCall(model, version, decoded.columns, decoded.outputs,
+                             decoded.id if decoded.id is not None else request_id, arrived, timeout_ms)
+        answer, batch = await gateway.pipeline.infer(call)
     except GatewayError as exc:
         _, outcome = status_of(exc)
         metrics.requests.labels(label, version_label, protocol, outcome).inc()
@@ -81,13 +89,17 @@ async def _serve(request: Request, protocol: str, model: str, version: str | Non
         metrics.requests.labels(label, version_label, protocol, "error").inc()
         raise  # the app's handler logs it with the stack and answers 500 JSON
 
-    answer.parameters["route"] = "pinned" if version is not None else "stable"
     payload, headers, media = encode(answer, decoded)
     headers["X-Model-Version"] = answer.version
     if _HEADER_SAFE.fullmatch(answer.request_id):  # the body always echoes it; headers only if it is safe
         headers["X-Request-Id"] = answer.request_id
-    headers["X-Route"] = answer.parameters["route"]
-    metrics.requests.labels(label, answer.version, protocol, "ok").inc()
+    headers["X-Route"] = str(answer.parameters["route"])
+    fallback_reason = answer.parameters.get("fallback_reason")
+    if fallback_reason is not None:
+        headers["X-Fallback"] = str(fallback_reason)
+        metrics.fallbacks.labels(label, str(fallback_reason)).inc()
+    outcome = "fallback" if answer.parameters.get("fallback") else "ok"
+    metrics.requests.labels(label, answer.version, protocol, outcome).inc()
     metrics.latency.labels(label, answer.version).observe(time.perf_counter() - started)
     metrics.rows.labels(label, answer.version).inc(answer.rows)
     if batch.ignored_fields:
