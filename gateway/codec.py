@@ -230,5 +230,5 @@ def encode_v1(answer: Answer) -> bytes:
         predictions: list[Any] = list(answer.outputs[names[0]])
     else:
         predictions = [{name: answer.outputs[name][i] for name in names} for i in range(answer.rows)]
-    return orjson.dumps({"predictions": predictions, "model_name": answer.model,
-                         "model_version": answer.version, "id": answer.request_id}, option=JSON_OPTIONS)
+    return orjson.dumps({"predictions": predictions, "model_name": answer.model, "model_version": answer.version,
+                         "id": answer.request_id, "parameters": answer.parameters}, option=JSON_OPTIONS)

@@ -103,7 +103,7 @@ class ModelRepository:
         try:
             entry = self._load(name, version, path)
         except _Refused as exc:
-            entry = ModelVersion(name, version, path, "failed", reason=str(exc), sha256=exc.sha256)
+            entry = ModelVersion(name, version, path, "failed", reason=str(exc), card=exc.card, sha256=exc.sha256)
             log.error("model %s version %s refused: %s", name, version, exc)
         entry.load_ms = (time.perf_counter() - started) * 1000
         if entry.ready:
@@ -121,6 +121,13 @@ class ModelRepository:
             raise _Refused(f"invalid model card: {exc}") from None
         if card.name != name or card.version != version:
             raise _Refused(f"card names {card.name}/{card.version}, but the file lives at {name}/{version}")
+        try:
+            return self._verify(name, version, path, card)
+        except _Refused as exc:
+            exc.card = card  # a refused file's card still tells the model's signature (the fallback needs it)
+            raise
+
+    def _verify(self, name: str, version: str, path: Path, card: ModelCard) -> ModelVersion:
         try:
             model_bytes = (path / MODEL_FILE).read_bytes()
         except OSError as exc:
@@ -143,9 +150,10 @@ class ModelRepository:
 
 
 class _Refused(Exception):
-    def __init__(self, reason: str, sha256: str = "") -> None:
+    def __init__(self, reason: str, sha256: str = "", card: ModelCard | None = None) -> None:
         super().__init__(reason)
         self.sha256 = sha256
+        self.card = card
 
 
 def _signature_mismatch(declared: Signature, actual: Signature) -> str:
