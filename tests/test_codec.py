@@ -354,7 +354,8 @@ def test_encode_v2_binary_only_for_the_outputs_asked_for() -> None:
 
 def test_encode_v1_one_output_gives_one_prediction_per_row() -> None:
     assert orjson.loads(encode_v1(answer(probabilities=PROBS))) == {
-        "predictions": [[0.75, 0.25], [0.5, 0.5]], "model_name": "credit-risk", "model_version": "2", "id": "r-1"}
+        "predictions": [[0.75, 0.25], [0.5, 0.5]], "model_name": "credit-risk", "model_version": "2", "id": "r-1",
+        "parameters": {"route": "stable"}}
 
 
 def test_encode_v1_several_outputs_give_an_object_per_row() -> None:
