@@ -65,6 +65,7 @@ def write_policy(policies: Path, file_name: str, **changes: Any) -> Path:
     """A policy file derived from the bundled credit-risk policy with top-level keys changed."""
     policy: dict[str, Any] = yaml.safe_load((policies / f"{MODEL}.yaml").read_text())
     policy.update(changes)
+    policy = {k: v for k, v in policy.items() if v is not None}  # None deletes a section
     path = policies / file_name
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
     return path
@@ -133,6 +134,8 @@ def test_refused_versions_are_reported_while_the_rest_serves(
     clone_model(models, "mislabeled")
     edit_card(models, "mislabeled", "1", signature={**card["signature"], "inputs": inputs})
 
+    # no fallback: this test is about refusals, which a fallback would answer for
+    write_policy(policies, f"{MODEL}.yaml", fallback=None)
     running = start_server(models, policies)
     with httpx.Client(base_url=running.url, timeout=30.0) as http:
         status = status_of(http)
@@ -188,7 +191,7 @@ def test_policy_problems_make_their_model_fail_closed(
     models, policies = repo_copy
     # credit-risk: the policy routes unversioned requests to version 2, whose file is corrupted
     flip_bytes(models / MODEL / "2" / "model.onnx")
-    write_policy(policies, f"{MODEL}.yaml", routing={"stable": "2"})
+    write_policy(policies, f"{MODEL}.yaml", routing={"stable": "2"}, fallback=None)
     # `strict`: a good model whose policy file is invalid (max_batch_size must be >= 1)
     clone_model(models, "strict")
     policy = yaml.safe_load((policies / f"{MODEL}.yaml").read_text())
