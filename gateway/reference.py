@@ -13,7 +13,19 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from gateway.policy import FeatureSpec, InputSchema, Policy, Routing, Slo
+from gateway.policy import (
+    Breaker,
+    Fallback,
+    FallbackRule,
+    Fault,
+    FeatureSpec,
+    Guard,
+    InputSchema,
+    LowConfidence,
+    Policy,
+    Routing,
+    Slo,
+)
 from gateway.settings import Settings
 
 POLICY_SECTIONS: list[tuple[str, type[BaseModel]]] = [
@@ -22,6 +34,12 @@ POLICY_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("schema", InputSchema),
     ("schema.features.<name>", FeatureSpec),
     ("routing", Routing),
+    ("guard", Guard),
+    ("guard.breaker", Breaker),
+    ("fallback", Fallback),
+    ("fallback.rules[]", FallbackRule),
+    ("fallback.low_confidence", LowConfidence),
+    ("faults[]", Fault),
 ]
 
 
