@@ -27,7 +27,7 @@ def policy_copy(repo_copy: tuple[Path, Path], **changes: Any) -> tuple[Path, Pat
 
 
 def test_low_confidence_rows_can_be_answered_by_the_rules(repo_copy: tuple[Path, Path]) -> None:
-    models, policies = repo_copy
+    _, policies = repo_copy
     policy = yaml.safe_load((policies / "credit-risk.yaml").read_text())
     fallback = {**policy["fallback"], "low_confidence": {"band": [0.0, 0.05], "action": "fallback"}}
     with make_client(*policy_copy(repo_copy, fallback=fallback)) as client:
