@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pybreaker
@@ -35,9 +35,10 @@ StateListener = Callable[[str, str, str], None]  # (breaker name, old state, new
 
 @dataclass(frozen=True)
 class Ticket:
-    """Permission for one call; `trial` marks the half-open probe."""
+    """Permission for one call; `trial` marks the half-open probe; `epoch` counts trips so far."""
 
     trial: bool
+    epoch: int = field(default=0, compare=False)
 
 
 def _not_counted(error: BaseException) -> bool:
@@ -69,6 +70,7 @@ class AsyncBreaker:
         self._on_change = on_change
         self._opened_at: float | None = None
         self._trial_in_flight = False
+        self._epoch = 0  # bumped on every trip: outcomes of calls admitted before it are stale
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max, reset_timeout=reset_timeout_s, exclude=[_not_counted],
             listeners=[_Notify(self)], name=name)
@@ -82,7 +84,7 @@ class AsyncBreaker:
         """A ticket for one call, or CircuitOpen."""
         state = self.state
         if state == CLOSED:
-            return Ticket(trial=False)
+            return Ticket(trial=False, epoch=self._epoch)
         if state == OPEN:
             if self._opened_at is None:  # opened elsewhere (shared storage): count from now
                 self._opened_at = self._clock()
@@ -94,20 +96,21 @@ class AsyncBreaker:
         if self._trial_in_flight:
             raise CircuitOpen(f"circuit breaker of {self.name} is half-open and a trial request is in flight")
         self._trial_in_flight = True
-        return Ticket(trial=True)
+        return Ticket(trial=True, epoch=self._epoch)
 
     def record(self, ticket: Ticket, error: BaseException | None) -> None:
         """Feed the outcome of an admitted call to the state machine."""
         if ticket.trial:
             self._trial_in_flight = False
-        elif self.state != CLOSED:
-            return  # admitted before the trip; a trial decides from here on
+        elif ticket.epoch != self._epoch or self.state != CLOSED:
+            return  # admitted before a trip: stale news; trials decide from there on
         try:
             self.breaker.call(_replay, error)
         except pybreaker.CircuitBreakerError:
             pass  # the replayed failure tripped the breaker; listeners already saw it
-        except GatewayError:
-            pass  # the replayed failure itself, counted by pybreaker
+        except BaseException as exc:
+            if exc is not error:  # anything but the replayed failure (counted by pybreaker) is a bug
+                raise
 
     def release(self, ticket: Ticket) -> None:
         """Give back a ticket whose call never ran (nothing to learn from it)."""
@@ -117,6 +120,7 @@ class AsyncBreaker:
     def _changed(self, old: str, new: str) -> None:
         if new == OPEN:
             self._opened_at = self._clock()
+            self._epoch += 1
         level = logging.WARNING if new != CLOSED else logging.INFO
         log.log(level, "circuit breaker %s: %s -> %s", self.name, old or "(new)", new)
         if self._on_change is not None:

@@ -51,12 +51,33 @@ def _value_problem(value: Any, tensor: TensorSpec) -> str | None:
         elif tensor.datatype == "BOOL":
             ok = isinstance(item, bool)
         elif tensor.datatype in INT_TYPES:
-            ok = isinstance(item, int) and not isinstance(item, bool)
+            info = np.iinfo(NUMPY_DTYPES[tensor.datatype])
+            ok = isinstance(item, int) and not isinstance(item, bool) and info.min <= item <= info.max
         else:
-            ok = isinstance(item, (int, float)) and not isinstance(item, bool)
+            limit = float(np.finfo(NUMPY_DTYPES[tensor.datatype]).max)
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool) and abs(item) <= limit
         if not ok:
             return f"{item!r} is not a {tensor.datatype} value"
     return None
+
+
+def choices_problems(choices: list[tuple[object, Mapping[str, Any]]],
+                     outputs: list[TensorSpec]) -> list[tuple[object, str, str]]:
+    """(choice key, output name, problem) for every rule output and the default, checked together.
+
+    Besides each choice fitting a row of the signature, all choices must agree on the length of
+    any variable per-row dimension (they are stacked into one table).
+    """
+    problems = [(key, name, message) for key, values in choices for name, message in output_problems(values, outputs)]
+    if problems:
+        return problems
+    for tensor in outputs:
+        shapes = {np.array(values[tensor.name], dtype=object).shape for _, values in choices}
+        if len(shapes) > 1:
+            key = choices[-1][0]
+            problems.append((key, tensor.name, f"rules and default give {tensor.name!r} different shapes "
+                                               f"{sorted(shapes)}; every choice must have the same"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,8 @@ class FallbackRules:
             if source not in feeds:
                 continue
             flat = feeds[source].reshape(rows, -1)[:, 0]
-            columns[name] = flat if name in self.string_features else flat.astype(np.float64)
+            # numbers keep their float width (constants follow it); integers become float64
+            columns[name] = flat if name in self.string_features or flat.dtype.kind == "f" else flat.astype(np.float64)
         return columns
 
 

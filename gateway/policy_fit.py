@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.card import ScoreSpec, Signature, TensorSpec
-from gateway.fallback import output_problems
+from gateway.fallback import choices_problems
 from gateway.policy import FeatureSpec, FeatureType, Policy
 from gateway.tensors import FLOAT_TYPES, INT_TYPES
 
@@ -68,12 +68,12 @@ def _fallback_misfits(policy: Policy, signature: Signature, score: ScoreSpec | N
     if fallback is None:
         return []
     found = []
-    choices: list[tuple[tuple[str | int, ...], dict[str, object]]] = [
+    choices: list[tuple[object, Mapping[str, object]]] = [
         (("fallback", "rules", i, "output"), rule.output) for i, rule in enumerate(fallback.rules)]
     choices.append((("fallback", "default"), fallback.default))
-    for loc, values in choices:
-        for name, message in output_problems(values, signature.outputs):
-            found.append(Misfit((*loc, name) if name in values else loc, message))
+    for key, name, message in choices_problems(choices, signature.outputs):
+        loc = key if isinstance(key, tuple) else ("fallback",)
+        found.append(Misfit((*loc, name) if name in dict(choices)[key] else loc, message))
     if fallback.low_confidence is not None:
         loc = ("fallback", "low_confidence")
         outputs = {t.name: t for t in signature.outputs}
@@ -81,6 +81,13 @@ def _fallback_misfits(policy: Policy, signature: Signature, score: ScoreSpec | N
             found.append(Misfit(loc, "the model card names no `score` output, so there is no score to band"))
         elif score.output not in outputs:
             found.append(Misfit(loc, f"the card's score output {score.output!r} is not a model output"))
+        else:
+            width = outputs[score.output].shape[1:]
+            size = width[0] if len(width) == 1 else 1 if not width else -1
+            index = score.index or 0
+            if size == -1 or not 0 <= index < max(size, 1) or len(width) > 1:
+                found.append(Misfit(loc, f"the card's score {score.output}[{index}] does not fit that output's "
+                                         f"per-row shape {width}"))
     return found
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.breaker import CLOSED, AsyncBreaker, StateListener
 from gateway.errors import ModelNotFound, Unavailable, VersionNotFound
-from gateway.fallback import FallbackRules, output_problems
+from gateway.fallback import FallbackRules, choices_problems
 from gateway.faults import FaultInjector
 from gateway.policy import (
     Breaker,
@@ -308,8 +308,9 @@ def _fallback(spec: Policy, served: dict[str, ServedVersion], versions: dict[str
         signature = next((e.card.signature for e in versions.values() if e.card is not None), None)
     if signature is None:
         return None, "fallback unavailable: no version or card tells the model's output signature"
-    problems = [message for choice in (*(r.output for r in spec.fallback.rules), spec.fallback.default)
-                for _, message in output_problems(choice, signature.outputs)]
+    choices: list[tuple[object, Any]] = [(i, rule.output) for i, rule in enumerate(spec.fallback.rules)]
+    choices.append(("default", spec.fallback.default))
+    problems = [message for _, _, message in choices_problems(choices, signature.outputs)]
     if problems:
         return None, "fallback unavailable: " + "; ".join(problems)
     features = spec.input_schema.features

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -49,6 +49,7 @@ _TOKEN = re.compile(r"""
 """, re.VERBOSE)
 _KEYWORDS = frozenset({"and", "or", "not", "in", "is", "null", "true", "false"})
 _COMPARE = frozenset({"<", "<=", ">", ">=", "==", "!="})
+MAX_NESTING = 50
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Constant:
     """A number, string or boolean constant."""
 
     value: Scalar
+    column: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,13 @@ class In:
     """`feature [not] in [literals]`."""
 
     operand: Constant | Feature
-    values: tuple[Scalar, ...]
+    items: tuple[Constant, ...]
     negated: bool
+
+    @property
+    def values(self) -> tuple[Scalar, ...]:
+        """The listed constants' values."""
+        return tuple(item.value for item in self.items)
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = _tokens(text)
         self.at = 0
+        self.depth = 0
 
     def take(self) -> _Token:
         token = self.peek()
@@ -159,7 +167,8 @@ class _Parser:
     def peek(self) -> _Token:
         token = self.tokens[self.at]
         if token.kind == "bad":
-            raise RuleError(f"unexpected character {token.text!r}", token.column)
+            what = "unterminated string" if token.text in "\"'" else f"unexpected character {token.text!r}"
+            raise RuleError(what, token.column)
         return token
 
     def accept(self, text: str) -> bool:
@@ -196,14 +205,26 @@ class _Parser:
         return items[0] if len(items) == 1 else BoolOp("and", tuple(items))
 
     def not_(self) -> Node:
+        column = self.peek().column
         if self.accept("not"):
-            return Not(self.not_())
+            self._enter(column)
+            inner = Not(self.not_())
+            self.depth -= 1
+            return inner
         return self.test()
 
+    def _enter(self, column: int) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise RuleError(f"nested more than {MAX_NESTING} levels deep", column)
+
     def test(self) -> Node:
+        column = self.peek().column
         if self.accept("("):
+            self._enter(column)
             inner = self.or_()
             self.expect(")")
+            self.depth -= 1
             return inner
         left = self.operand()
         token = self.peek()
@@ -225,11 +246,11 @@ class _Parser:
     def operand(self) -> Constant | Feature:
         token = self.take()
         if token.kind == "number":
-            return Constant(float(token.text))
+            return Constant(float(token.text), token.column)
         if token.kind == "string":
-            return Constant(_unquote(token.text))
+            return Constant(_unquote(token.text), token.column)
         if token.kind == "keyword" and token.text in ("true", "false"):
-            return Constant(token.text == "true")
+            return Constant(token.text == "true", token.column)
         if token.kind == "name":
             if self.peek().text == "(":
                 raise RuleError(f"calls are not allowed ({token.text!r} is followed by '(')", self.peek().column)
@@ -237,15 +258,15 @@ class _Parser:
         found = token.text or "the end"
         raise RuleError(f"expected a feature, number or string, found {found!r}", token.column)
 
-    def literal_list(self) -> tuple[Scalar, ...]:
+    def literal_list(self) -> tuple[Constant, ...]:
         self.expect("[")
-        values: list[Scalar] = []
+        values: list[Constant] = []
         if not self.accept("]"):
             while True:
                 item = self.operand()
                 if not isinstance(item, Constant):
                     raise RuleError(f"a list holds constants, not the feature {item.name!r}", item.column)
-                values.append(item.value)
+                values.append(item)
                 if self.accept("]"):
                     break
                 self.expect(",")
@@ -292,9 +313,9 @@ def _kind_of_node(node: Node, features: Mapping[str, Kind]) -> None:
             raise RuleError("only a bool feature or true/false can stand alone as a condition", _col(node.operand))
     elif isinstance(node, In):
         kind = _operand_kind(node.operand, features)
-        for value in node.values:
-            if _operand_kind(Constant(value), features) != kind:
-                raise RuleError(f"list value {value!r} is not a {kind}", _col(node.operand))
+        for listed in node.items:
+            if _operand_kind(listed, features) != kind:
+                raise RuleError(f"list value {listed.value!r} is not a {kind}", listed.column)
     else:
         left, right = _operand_kind(node.left, features), _operand_kind(node.right, features)
         if left != right:
@@ -304,7 +325,7 @@ def _kind_of_node(node: Node, features: Mapping[str, Kind]) -> None:
 
 
 def _col(operand: Constant | Feature) -> int:
-    return operand.column if isinstance(operand, Feature) else 1
+    return operand.column
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -314,7 +335,11 @@ _OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equ
 
 
 def evaluate(node: Node, columns: Columns, rows: int) -> np.ndarray:
-    """A boolean mask over the rows: where the condition holds (null comparisons are false)."""
+    """A boolean mask over the rows: where the condition holds (null comparisons are false).
+
+    Constants take the dtype of the feature they are compared with, so `x > 0.6` means the same
+    whether `x` reached the rules as float32 (the model's feed) or float64.
+    """
     if isinstance(node, BoolOp):
         masks = [evaluate(item, columns, rows) for item in node.items]
         return _mask(np.logical_and.reduce(masks) if node.op == "and" else np.logical_or.reduce(masks))
@@ -324,14 +349,15 @@ def evaluate(node: Node, columns: Columns, rows: int) -> np.ndarray:
         nulls = _nulls(columns[node.operand.name])
         return _mask(~nulls if node.negated else nulls)
     if isinstance(node, Truth):
-        value = _values(node.operand, columns, rows)
+        value = _values(node.operand, columns, rows, None)
         return _mask(np.asarray(value == 1, dtype=bool) & ~_nulls(value))
     if isinstance(node, In):
-        values = _values(node.operand, columns, rows)
-        found = np.isin(values, np.array(node.values, dtype=values.dtype if values.dtype.kind != "O" else object))
-        found &= ~_nulls(values)
+        values = _values(node.operand, columns, rows, None)
+        listed = np.array(node.values, dtype=values.dtype if values.dtype.kind != "O" else object)
+        found = np.isin(values, listed) & ~_nulls(values)
         return _mask(~found & ~_nulls(values) if node.negated else found)
-    left, right = _values(node.left, columns, rows), _values(node.right, columns, rows)
+    like = _feature_dtype(node.left, columns) or _feature_dtype(node.right, columns)
+    left, right = _values(node.left, columns, rows, like), _values(node.right, columns, rows, like)
     known = ~_nulls(left) & ~_nulls(right)
     if node.op == "==":
         return _mask(np.asarray(left == right, dtype=bool) & known)
@@ -341,17 +367,22 @@ def evaluate(node: Node, columns: Columns, rows: int) -> np.ndarray:
         return _mask(np.asarray(_OPS[node.op](left, right), dtype=bool) & known)
 
 
+def _feature_dtype(operand: Constant | Feature, columns: Columns) -> np.dtype[Any] | None:
+    return columns[operand.name].dtype if isinstance(operand, Feature) else None
+
+
 def _mask(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=bool)
 
 
-def _values(operand: Constant | Feature, columns: Columns, rows: int) -> np.ndarray:
+def _values(operand: Constant | Feature, columns: Columns, rows: int, like: np.dtype[Any] | None) -> np.ndarray:
     if isinstance(operand, Feature):
         return columns[operand.name]
     value = operand.value
     if isinstance(value, str):
         return np.full(rows, value, dtype=object)
-    return np.full(rows, float(value), dtype=np.float64)
+    dtype = like if like is not None and like.kind == "f" else np.dtype(np.float64)
+    return np.full(rows, float(value), dtype=dtype)
 
 
 def _nulls(values: np.ndarray) -> np.ndarray:

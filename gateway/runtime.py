@@ -90,14 +90,18 @@ class OnnxModel:
         loop = asyncio.get_running_loop()
         control = RunControl()
         future = loop.run_in_executor(executor, self.run, feeds, outputs, control, before_run)
-        if deadline is None:
-            return await future
-        done, _ = await asyncio.wait({future}, timeout=max(deadline - loop.time(), 0.0))
-        if done:
-            return future.result()
-        control.cancel()
-        future.add_done_callback(_forget)
-        raise InferenceTimeout("deadline passed before the model answered; the run was cancelled")
+        try:
+            if deadline is None:
+                return await asyncio.shield(future)
+            done, _ = await asyncio.wait({future}, timeout=max(deadline - loop.time(), 0.0))
+            if done:
+                return future.result()
+            raise InferenceTimeout("deadline passed before the model answered; the run was cancelled")
+        except BaseException:  # timed out, or the caller was cancelled (the client went away)
+            if not future.done():
+                control.cancel()
+                future.add_done_callback(_forget)
+            raise
 
 
 def _forget(future: asyncio.Future[Any]) -> None:
