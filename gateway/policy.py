@@ -8,6 +8,7 @@ Every field's docstring is its reference documentation.
 from __future__ import annotations
 
 import json
+import itertools
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -140,17 +141,105 @@ class Slo(_Policy):
     """Expected peak requests per second; load tests target twice this."""
 
 
+VersionName = Annotated[str, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})]
+
+
+def _version_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class StickyKey(_Policy):
+    """What keeps one caller on one version during a canary: a request header or an input field."""
+
+    header: str | None = None
+    """Header whose value is hashed (e.g. `X-Customer-Id`)."""
+    field: str | None = None
+    """Request field whose value (first row) is hashed (e.g. `customer_id`); it need not be a feature."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StickyKey:
+        if (self.header is None) == (self.field is None):
+            raise ValueError("give exactly one of `header` or `field`")
+        return self
+
+
+class Canary(_Policy):
+    """A version that gets a share of unversioned traffic next to stable."""
+
+    version: VersionName
+    """The canary version."""
+    percent: float = Field(ge=0, le=100)
+    """Share of traffic (by sticky key when one is set), in percent."""
+
+    _text = field_validator("version", mode="before")(_version_text)
+
+
+class Shadow(_Policy):
+    """A version that sees a copy of sampled requests; its answers are compared, never returned."""
+
+    version: VersionName
+    """The shadow version."""
+    percent: float = Field(default=100.0, ge=0, le=100)
+    """Share of answered requests mirrored to the shadow, in percent."""
+
+    _text = field_validator("version", mode="before")(_version_text)
+
+
 class Routing(_Policy):
-    """Which version answers requests that do not name one."""
+    """Desired routing. Switches, rollbacks and rollouts then change the effective routing (see README)."""
 
     stable: Annotated[str | None, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"},
                                                             {"type": "null"}]})] = None
     """The version unversioned requests go to; by default the highest loaded version number."""
+    canary: Canary | None = None
+    """Optional canary version and its share of traffic."""
+    shadow: Shadow | None = None
+    """Optional shadow version and the share of requests mirrored to it."""
+    sticky_key: StickyKey | None = None
+    """Keeps each caller on one version during a canary (otherwise the split is per request)."""
+    shadow_queue: int = Field(default=100, ge=1, le=100_000)
+    """Mirrored requests waiting for the shadow; when full, new ones are dropped and counted."""
 
-    @field_validator("stable", mode="before")
+    _text = field_validator("stable", mode="before")(_version_text)
+
+
+class RollbackCriteria(_Policy):
+    """When a canary is worse than allowed; each is judged once `min_requests` is reached."""
+
+    error_rate_gt: float | None = Field(default=0.02, ge=0, le=1)
+    """Share of the canary's calls that failed (timeouts, runtime errors, open breaker)."""
+    p99_ms_gt: float | None = Field(default=None, gt=0)
+    """The canary's p99 latency in milliseconds."""
+    p99_ratio_gt: float | None = Field(default=2.0, gt=0)
+    """The canary's p99 latency over stable's in the same interval."""
+    fallback_rate_gt: float | None = Field(default=0.05, ge=0, le=1)
+    """Share of the canary's answers that came from the fallback rules."""
+    shadow_disagreement_gt: float | None = Field(default=None, ge=0, le=1)
+    """Label disagreement between the canary as shadow and the primary (needs a shadow on the canary)."""
+
+
+class Rollout(_Policy):
+    """The plan `gateway rollout start` follows."""
+
+    steps: list[float] = Field(default=[1.0, 10.0, 50.0, 100.0], min_length=1)
+    """Canary traffic percentages, increasing, ending at 100 (then the canary becomes stable)."""
+    interval_s: float = Field(default=60.0, gt=0, le=86_400)
+    """Time at each step before the canary is judged."""
+    min_requests: int = Field(default=50, ge=1)
+    """Canary calls needed in a step before it can pass; a breach needs this many too."""
+    rollback_if: RollbackCriteria = RollbackCriteria()
+    """Criteria that roll the canary back at once."""
+
+    @field_validator("steps")
     @classmethod
-    def _version_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    def _increasing_to_100(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s <= 100 for s in steps):
+            raise ValueError("every step is a percentage in (0, 100]")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError("steps must increase")
+        if steps[-1] != 100:
+            raise ValueError("the last step must be 100")
+        return steps
 
 
 class Breaker(_Policy):
@@ -217,7 +306,7 @@ class Fallback(_Policy):
 class Fault(_Policy):
     """Injected faults for one version (rehearsal only; the server needs GATEWAY_ALLOW_FAULT_INJECTION)."""
 
-    version: Annotated[str, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})]
+    version: VersionName
     """The version whose calls are disturbed."""
     delay_ms: float = Field(default=0.0, ge=0, le=600_000)
     """Extra time a delayed call takes (the deadline still applies)."""
@@ -226,10 +315,7 @@ class Fault(_Policy):
     error_percent: float = Field(default=0.0, ge=0, le=100)
     """Share of calls that fail with an injected runtime error, in percent."""
 
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    _text = field_validator("version", mode="before")(_version_text)
 
 
 class Policy(_Policy):
@@ -251,6 +337,8 @@ class Policy(_Policy):
     """Rule-based answers when the model cannot answer; without it such requests get 503/504."""
     faults: list[Fault] = []
     """Fault injection for rehearsals; refused unless the server allows it."""
+    rollout: Rollout = Rollout()
+    """Progressive rollout plan and rollback criteria."""
 
     def rule_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Fallback conditions naming unknown features or comparing unlike kinds, with their paths."""

@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 
 from gateway.policy import (
     Breaker,
+    Canary,
     Fallback,
     FallbackRule,
     Fault,
@@ -23,8 +24,12 @@ from gateway.policy import (
     InputSchema,
     LowConfidence,
     Policy,
+    RollbackCriteria,
+    Rollout,
     Routing,
+    Shadow,
     Slo,
+    StickyKey,
 )
 from gateway.settings import Settings
 
@@ -34,12 +39,17 @@ POLICY_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("schema", InputSchema),
     ("schema.features.<name>", FeatureSpec),
     ("routing", Routing),
+    ("routing.canary", Canary),
+    ("routing.shadow", Shadow),
+    ("routing.sticky_key", StickyKey),
     ("guard", Guard),
     ("guard.breaker", Breaker),
     ("fallback", Fallback),
     ("fallback.rules[]", FallbackRule),
     ("fallback.low_confidence", LowConfidence),
     ("faults[]", Fault),
+    ("rollout", Rollout),
+    ("rollout.rollback_if", RollbackCriteria),
 ]
 
 

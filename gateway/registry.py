@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from gateway.policy import (
 )
 from gateway.policy_fit import feature_signature, policy_misfits
 from gateway.repository import ModelRepository, ModelVersion, version_key
+from gateway.state import Aliases
 from gateway.validation import RequestValidator
 
 log = logging.getLogger("gateway.registry")
@@ -61,12 +62,37 @@ class ServedModel:
     versions: dict[str, ModelVersion]
     served: dict[str, ServedVersion]
     policy: LoadedPolicy | None
-    default_version: str | None
-    not_ready_reason: str = ""
+    aliases: Aliases
+    """The effective routing (policy, or control state after switches and rollouts)."""
+    policy_aliases: Aliases = field(default_factory=Aliases)
+    """What the policy's `routing` declares (shown next to the effective aliases)."""
+    alias_source: str = "policy"
+    """Where `aliases` came from: `policy` or `state`."""
     version_reasons: dict[str, str] = field(default_factory=dict)
     timeout_s: float = Guard().timeout_ms / 1000
     fallback: ModelFallback | None = None
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def default_version(self) -> str | None:
+        """The stable version, when it can serve."""
+        stable = self.aliases.stable
+        return stable if stable is not None and stable in self.served else None
+
+    @property
+    def not_ready_reason(self) -> str:
+        """Why unversioned requests have no version to go to (empty when they have one)."""
+        stable = self.aliases.stable
+        if self.default_version is not None:
+            return ""
+        if stable is not None:
+            why = self.version_reasons.get(stable, "no such version in the repository")
+            return f"stable version {stable!r} (from the {self.alias_source}) cannot serve: {why}"
+        return "no version can serve: " + "; ".join(f"{v}: {r}" for v, r in sorted(self.version_reasons.items()))
+
+    def with_aliases(self, aliases: Aliases, source: str) -> ServedModel:
+        """The same model with another alias table (the old value is untouched)."""
+        return replace(self, aliases=aliases, alias_source=source)
 
     @property
     def routable(self) -> bool:
@@ -135,6 +161,9 @@ class ServedModel:
             "degraded": bool(degraded),
             "degraded_reasons": degraded,
             "default_version": self.default_version,
+            "aliases": asdict(self.aliases),
+            "alias_source": self.alias_source,
+            "policy_aliases": asdict(self.policy_aliases),
             "timeout_ms": round(self.timeout_s * 1000, 3),
             "fallback": ({"rules": len(self.fallback.rules.conditions),
                           "low_confidence": self.fallback.low_confidence.model_dump()
@@ -264,24 +293,25 @@ def _serve_model(name: str, versions: dict[str, ModelVersion], policy: LoadedPol
                                                           max_listed),
                                   breakers.get(name, v, guard.breaker), faults.get(v))
 
-    wanted = spec.routing.stable if spec else None
-    default: str | None
-    reason = ""
-    if wanted is not None:
-        default = wanted if wanted in served else None
-        if default is None:
-            why = reasons.get(wanted, "no such version in the repository")
-            reason = f"stable version {wanted!r} (from the policy) cannot serve: {why}"
-    else:
-        default = max(served, key=version_key) if served else None
-        if default is None:
-            reason = "no version can serve: " + "; ".join(f"{v}: {r}" for v, r in sorted(reasons.items()))
+    aliases = _policy_aliases(spec, served)
     fallback = None
     if spec is not None and spec.fallback is not None and not policy_invalid:
-        fallback, problem = _fallback(spec, served, versions, default, max_listed)
+        fallback, problem = _fallback(spec, served, versions, aliases.stable, max_listed)
         problems += [problem] if problem else []
-    return ServedModel(name, versions, served, policy, default, reason, reasons, guard.timeout_ms / 1000,
+    return ServedModel(name, versions, served, policy, aliases, aliases, "policy", reasons, guard.timeout_ms / 1000,
                        fallback, problems)
+
+
+def _policy_aliases(spec: Policy | None, served: dict[str, ServedVersion]) -> Aliases:
+    """The routing the policy declares (stable defaults to the highest version that serves)."""
+    routing = spec.routing if spec else None
+    stable = routing.stable if routing and routing.stable is not None else (
+        max(served, key=version_key) if served else None)
+    canary = routing.canary if routing else None
+    shadow = routing.shadow if routing else None
+    return Aliases(stable=stable, canary=canary.version if canary else None,
+                   canary_percent=canary.percent if canary else 0.0,
+                   shadow=shadow.version if shadow else None, shadow_percent=shadow.percent if shadow else 0.0)
 
 
 def _faults(spec: Policy | None, versions: dict[str, ModelVersion],
@@ -301,7 +331,7 @@ def _fallback(spec: Policy, served: dict[str, ServedVersion], versions: dict[str
     """Compile the fallback against the model's output signature (from a served version or a card)."""
     assert spec.fallback is not None
     signature = None
-    for v in ([default] if default else []) + sorted(served, key=version_key, reverse=True):
+    for v in ([default] if default in served else []) + sorted(served, key=version_key, reverse=True):
         signature = served[v].entry.signature
         break
     if signature is None:

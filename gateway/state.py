@@ -1,0 +1,142 @@
+"""Control state: the effective alias table and rollout of each model, kept in the state directory.
+
+Which wins, the policy's `routing` or the state file? The state file, as long as the policy's
+`routing` section is the one the state was derived from (its hash is stored with the state): so
+switches, rollbacks and rollout steps survive restarts, and an old `stable:` in a policy never
+silently resurrects a version that was rolled back. When the owner edits `routing` in the
+policy, that is a new intent: the policy wins and the state is reset to it (and says so).
+
+Files are written atomically: a temporary file in the same directory, fsynced, renamed over the
+old one, and the directory fsynced, so a crash leaves the old state or the new, never half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("gateway.state")
+
+
+@dataclass(frozen=True)
+class Aliases:
+    """Where a model's traffic goes: one immutable value, replaced as a whole on every change."""
+
+    stable: str | None = None
+    previous_stable: str | None = None
+    canary: str | None = None
+    canary_percent: float = 0.0
+    shadow: str | None = None
+    shadow_percent: float = 0.0
+
+    def versions(self) -> set[str]:
+        """Every version an alias points at (these must stay loaded)."""
+        return {v for v in (self.stable, self.previous_stable, self.canary, self.shadow) if v is not None}
+
+    def referencing(self, version: str) -> list[str]:
+        """The alias names that point at `version`."""
+        names = ("stable", "previous_stable", "canary", "shadow")
+        return [name for name in names if getattr(self, name) == version]
+
+    def with_changes(self, **changes: Any) -> Aliases:
+        """A new table with some aliases changed."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """A progressive rollout's persisted progress."""
+
+    version: str
+    steps: tuple[float, ...]
+    step: int = 0
+    status: str = "running"  # running | paused | completed | rolled_back | aborted
+    reason: str = ""
+    started_at: float = 0.0
+    step_started_at: float = 0.0
+    actor: str = ""
+    history: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """Running or paused (not finished)."""
+        return self.status in ("running", "paused")
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Everything persisted for one model."""
+
+    aliases: Aliases
+    routing_hash: str
+    rollout: RolloutState | None = None
+    updated_at: float = 0.0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def routing_hash(routing: dict[str, Any]) -> str:
+    """Fingerprint of a policy's routing section (canonical JSON)."""
+    return hashlib.sha256(json.dumps(routing, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StateStore:
+    """Reads and atomically writes `<dir>/<model>.state.json`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, model: str) -> Path:
+        """The state file of one model."""
+        return self.directory / f"{model}.state.json"
+
+    def load(self, model: str) -> ModelState | None:
+        """The stored state, or None when there is none (or it cannot be read: logged, not fatal)."""
+        path = self.path(model)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            rollout = data.get("rollout")
+            return ModelState(
+                aliases=Aliases(**data["aliases"]),
+                routing_hash=str(data["routing_hash"]),
+                rollout=RolloutState(**{**rollout, "steps": tuple(rollout["steps"]),
+                                        "history": tuple(rollout.get("history", ()))}) if rollout else None,
+                updated_at=float(data.get("updated_at", 0.0)),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("state file %s is unreadable (%s); starting from the policy's routing", path, exc)
+            return None
+
+    def save(self, model: str, state: ModelState) -> None:
+        """Write atomically and durably (temp file, fsync, rename, fsync of the directory)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "aliases": asdict(state.aliases),
+            "routing_hash": state.routing_hash,
+            "rollout": {**asdict(state.rollout), "steps": list(state.rollout.steps),
+                        "history": list(state.rollout.history)} if state.rollout else None,
+            "updated_at": state.updated_at,
+        }
+        data = json.dumps(payload, indent=2, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{model}.", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path(model))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
