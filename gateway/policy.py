@@ -7,8 +7,8 @@ Every field's docstring is its reference documentation.
 
 from __future__ import annotations
 
-import json
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
