@@ -7,11 +7,13 @@ the matching error when it has none; client errors never reach the model or the 
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +28,9 @@ from gateway.errors import (
     Violation,
 )
 from gateway.registry import ServedModel, ServedVersion, Snapshot
+from gateway.routing import choose_version, shadow_version, sticky_value
+from gateway.shadow import ShadowJob, ShadowMirror
+from gateway.stats import TrafficStats
 from gateway.validation import Column, ValidatedBatch
 
 #: why the fallback answered, by the failure that sent the request there
@@ -52,16 +57,22 @@ class InferenceCall:
     """Loop time the request arrived; the deadline counts from here."""
     timeout_ms: float | None = None
     """The client's own deadline, if it asked for one (it can shorten the policy's, never extend it)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Request metadata (lower-case names), for a sticky routing key."""
 
 
 class InferencePipeline:
     """Turns decoded requests into answers from a model version or from the fallback."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], executor: ThreadPoolExecutor,
-                 max_queued: int = 256) -> None:
+                 max_queued: int = 256, stats: TrafficStats | None = None, shadow: ShadowMirror | None = None,
+                 draw: Callable[[], float] = random.random) -> None:
         self._snapshot = snapshot
         self._executor = executor
         self._max_queued = max_queued
+        self.stats = stats or TrafficStats()
+        self._shadow = shadow
+        self._draw = draw
         self.in_flight = 0
         self.fallbacks: Counter[tuple[str, str]] = Counter()
         self.answered: Counter[str] = Counter()
@@ -73,7 +84,7 @@ class InferencePipeline:
         deadline = call.arrived + budget
         request_id = call.request_id if call.request_id is not None else uuid.uuid4().hex
         try:
-            served = model.resolve(call.version)
+            served, route = self._route(model, call)
         except Unavailable as exc:
             if model.fallback is None:
                 raise
@@ -83,15 +94,42 @@ class InferencePipeline:
         batch = served.validator.validate(call.columns)
         wanted = _requested_outputs(served, call.outputs)
         run_outputs = _with_score(served, model, wanted)
+        version = served.entry.version
         try:
             results = await self._guarded_run(served, batch, run_outputs, deadline)
         except _RECOVERABLE as exc:
+            if not isinstance(exc, Overloaded):  # overload is the process's, not the version's, fault
+                self.stats.record(model.name, version, self._elapsed(call), True, model.fallback is not None)
             if model.fallback is None:
                 raise
-            return self._fallback(model, batch, wanted, request_id, exc, served.entry.version), batch
-        answer = self._model_answer(model, served, batch, results, wanted, request_id,
-                                    "pinned" if call.version is not None else "stable")
+            return self._fallback(model, batch, wanted, request_id, exc, version), batch
+        answer = self._model_answer(model, served, batch, results, wanted, request_id, route)
+        self.stats.record(model.name, version, self._elapsed(call), False, "fallback_rows" in answer.parameters)
+        if route != "pinned" and self._shadow is not None:
+            self._mirror(model, version, call.columns, results)
         return answer, batch
+
+    def _route(self, model: ServedModel, call: InferenceCall) -> tuple[ServedVersion, str]:
+        if call.version is not None:
+            return model.resolve(call.version), "pinned"
+        spec = model.policy.policy.routing.sticky_key if model.policy else None
+        version, route = choose_version(model, sticky_value(spec, call.headers, call.columns), self._draw)
+        if version is None:
+            model.resolve(None)  # raises Unavailable with the reason
+        assert version is not None
+        return model.served[version], route
+
+    def _mirror(self, model: ServedModel, primary: str, columns: dict[str, Column],
+                results: dict[str, np.ndarray]) -> None:
+        target = shadow_version(model, self._draw)
+        if target is None or target == primary or self._shadow is None:
+            return
+        capacity = model.policy.policy.routing.shadow_queue if model.policy else 100
+        self._shadow.offer(ShadowJob(model.name, target, columns, results), capacity)
+
+    @staticmethod
+    def _elapsed(call: InferenceCall) -> float:
+        return asyncio.get_running_loop().time() - call.arrived
 
     async def _guarded_run(self, served: ServedVersion, batch: ValidatedBatch, outputs: list[str] | None,
                            deadline: float) -> dict[str, np.ndarray]:

@@ -49,6 +49,25 @@ class Metrics:
         self.in_flight = Gauge(
             "gateway_inferences_in_flight", "Model calls running or waiting for a worker thread.",
             registry=self.registry)
+        self.shadow = Counter(
+            "gateway_shadow_requests", "Mirrored requests by outcome (compared, dropped: queue full, failed).",
+            ["model", "version", "outcome"], registry=self.registry)
+        self.shadow_disagreements = Counter(
+            "gateway_shadow_disagreements", "Rows where the shadow's discrete outputs (labels) differed.",
+            ["model", "version"], registry=self.registry)
+        self.shadow_score_diff = Histogram(
+            "gateway_shadow_score_abs_diff", "Absolute difference of the shadow's score from the primary's.",
+            ["model", "version"], buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=self.registry)
+        self.alias_changes = Counter(
+            "gateway_alias_changes", "Changes of the alias table by action (switch, rollback, canary, ...).",
+            ["model", "action"], registry=self.registry)
+        self.canary_percent = Gauge(
+            "gateway_canary_percent", "Share of unversioned traffic routed to the canary.",
+            ["model"], registry=self.registry)
+        self.rollout_decisions = Counter(
+            "gateway_rollout_decisions", "Rollout decisions (advance, extend, promote, rollback, pause, abort).",
+            ["model", "decision"], registry=self.registry)
         self.version_ready = Gauge(
             "gateway_model_version_ready", "1 when a model version is loaded and serving, else 0.",
             ["model", "version"], registry=self.registry)
