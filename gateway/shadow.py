@@ -9,6 +9,7 @@ neither slow nor change any client's answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -73,10 +74,8 @@ class ShadowMirror:
         for task in self._workers.values():
             task.cancel()
         for task in self._workers.values():
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
     async def _work(self, model_name: str, queue: asyncio.Queue[ShadowJob]) -> None:
         loop = asyncio.get_running_loop()
