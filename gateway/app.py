@@ -15,13 +15,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import __version__
-from gateway.api import health, inference
+from gateway.api import admin, health, inference
+from gateway.api import repository as repository_api
+from gateway.api.auth import TokenBook
 from gateway.api.errors import json_response
+from gateway.control import ReleaseControl
+from gateway.faults import FaultInjector
 from gateway.pipeline import InferencePipeline
-from gateway.registry import BreakerBoard, Snapshot, build_snapshot
-from gateway.repository import ModelRepository
+from gateway.policy import Rollout
+from gateway.registry import BreakerBoard, ServedModel, ServedVersion, Snapshot, build_snapshot, serve_version
+from gateway.repository import ModelRepository, ModelVersion
+from gateway.rollout import RolloutController
 from gateway.runtime import RuntimeOptions
 from gateway.settings import Settings
+from gateway.shadow import ShadowMirror
+from gateway.state import StateStore
+from gateway.stats import TrafficStats
 from gateway.telemetry import BREAKER_CODES, Metrics
 
 log = logging.getLogger("gateway")
@@ -42,15 +51,36 @@ class Gateway:
         )
         self.snapshot = Snapshot(models={}, policy_problems=["models are still loading"])
         self.breakers = BreakerBoard(on_change=self.metrics.breaker_changed)
-        self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences)
+        self.stats = TrafficStats()
+        self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics)
+        self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
+                                          self.stats, self.shadow)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
+        self.control = ReleaseControl(lambda: self.snapshot, self.publish, StateStore(settings.state_dir),
+                                      self.repository, self._serve_version, settings.state_dir / "events.jsonl")
+        self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan)
+        self.tokens = TokenBook(settings.admin_tokens)
 
     async def load(self) -> None:
         """Load every model version and policy off the event loop, then publish the snapshot."""
         snapshot = await asyncio.to_thread(
             build_snapshot, self.repository, self.settings.policies_dir, self.settings.max_listed_violations,
             self.breakers, self.settings.allow_fault_injection)
-        self.publish(snapshot)
+        self.publish(await asyncio.to_thread(self.control.reconcile, snapshot))
+        self.rollouts.resume_all()
+
+    def _serve_version(self, model: ServedModel, entry: ModelVersion) -> tuple[ServedVersion | None, str]:
+        faults = None
+        policy = model.policy.policy if model.policy else None
+        if policy is not None and self.settings.allow_fault_injection:
+            fault = next((f for f in policy.faults if f.version == entry.version), None)
+            faults = FaultInjector(fault) if fault else None
+        return serve_version(model.name, entry, model.policy, "", self.breakers, faults,
+                             self.settings.max_listed_violations)
+
+    def _rollout_plan(self, model: str) -> Rollout:
+        served = self.snapshot.model(model)
+        return served.policy.policy.rollout if served.policy else Rollout()
 
     def publish(self, snapshot: Snapshot) -> None:
         """Make `snapshot` the one new requests see (a single assignment), and update gauges."""
@@ -62,13 +92,24 @@ class Gateway:
                 m.version_ready.labels(model.name, version).set(1 if version in model.served else 0)
             for version, served in model.served.items():
                 m.breaker_state.labels(model.name, version).set(BREAKER_CODES[served.breaker.state])
+            m.canary_percent.labels(model.name).set(model.aliases.canary_percent if model.aliases.canary else 0)
+        m.policy_problems.set(len(snapshot.policy_problems))
+
+    def report(self) -> None:
+        """Log what is wrong with the current snapshot (once, after loading)."""
+        for problem in self.snapshot.policy_problems:
+            log.error("policy problem: %s", problem)
+        for model in self.snapshot.models.values():
             for problem in model.problems:
                 log.warning("model %s: %s", model.name, problem)
-        m.policy_problems.set(len(snapshot.policy_problems))
-        for problem in snapshot.policy_problems:
-            log.error("policy problem: %s", problem)
-        for reason in ([] if snapshot.ready else snapshot.not_ready_reasons()):
+        for reason in ([] if self.snapshot.ready else self.snapshot.not_ready_reasons()):
             log.warning("not ready: %s", reason)
+
+    async def stop(self) -> None:
+        """Stop rollouts and shadows, then the worker threads (after in-flight runs finish)."""
+        await self.rollouts.close()
+        await self.shadow.close()
+        self.close()
 
     def close(self) -> None:
         """Stop the worker threads (after in-flight runs finish)."""
@@ -83,14 +124,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.load()
+        gateway.report()
         yield
-        gateway.close()
+        await gateway.stop()
 
     app = FastAPI(title="Safety-net inference gateway", version=__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
     app.include_router(health.router)
     app.include_router(inference.router)
+    app.include_router(admin.router)
+    app.include_router(repository_api.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -277,21 +277,11 @@ def _serve_model(name: str, versions: dict[str, ModelVersion], policy: LoadedPol
     served: dict[str, ServedVersion] = {}
     reasons: dict[str, str] = {}
     for v, entry in versions.items():
-        if not entry.ready or entry.signature is None:
-            reasons[v] = entry.reason
-            continue
-        if policy_invalid:
-            reasons[v] = f"policy file rejected: {policy_invalid}"
-            continue
-        score = entry.card.score if entry.card else None
-        misfits = [m for m in (policy_misfits(spec, entry.signature, score) if spec else []) if m.error]
-        if misfits:
-            reasons[v] = "policy does not fit this version: " + "; ".join(m.message for m in misfits)
-            log.error("model %s version %s not served: %s", name, v, reasons[v])
-            continue
-        served[v] = ServedVersion(entry, RequestValidator(entry.signature, spec.input_schema if spec else None,
-                                                          max_listed),
-                                  breakers.get(name, v, guard.breaker), faults.get(v))
+        candidate, why = serve_version(name, entry, policy, policy_invalid, breakers, faults.get(v), max_listed)
+        if candidate is None:
+            reasons[v] = why
+        else:
+            served[v] = candidate
 
     aliases = _policy_aliases(spec, served)
     fallback = None
@@ -312,6 +302,26 @@ def _policy_aliases(spec: Policy | None, served: dict[str, ServedVersion]) -> Al
     return Aliases(stable=stable, canary=canary.version if canary else None,
                    canary_percent=canary.percent if canary else 0.0,
                    shadow=shadow.version if shadow else None, shadow_percent=shadow.percent if shadow else 0.0)
+
+
+def serve_version(name: str, entry: ModelVersion, policy: LoadedPolicy | None, policy_invalid: str,
+                  breakers: BreakerBoard, faults: FaultInjector | None,
+                  max_listed: int) -> tuple[ServedVersion | None, str]:
+    """A loaded version joined with its model's policy, or None and why it cannot serve."""
+    if not entry.ready or entry.signature is None:
+        return None, entry.reason
+    if policy_invalid:
+        return None, f"policy file rejected: {policy_invalid}"
+    spec = policy.policy if policy else None
+    score = entry.card.score if entry.card else None
+    misfits = [m for m in (policy_misfits(spec, entry.signature, score) if spec else []) if m.error]
+    if misfits:
+        why = "policy does not fit this version: " + "; ".join(m.message for m in misfits)
+        log.error("model %s version %s not served: %s", name, entry.version, why)
+        return None, why
+    guard = spec.guard if spec else Guard()
+    validator = RequestValidator(entry.signature, spec.input_schema if spec else None, max_listed)
+    return ServedVersion(entry, validator, breakers.get(name, entry.version, guard.breaker), faults), ""
 
 
 def _faults(spec: Policy | None, versions: dict[str, ModelVersion],

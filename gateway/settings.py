@@ -5,8 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AdminToken(BaseModel):
+    """One admin API credential: who presents it, and what it may do."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    role: Literal["viewer", "operator", "admin"]
+    token: str = Field(min_length=16, repr=False)
 
 
 class Settings(BaseSettings):
@@ -40,5 +50,11 @@ class Settings(BaseSettings):
     """On SIGTERM: stop accepting, and give in-flight requests this long to finish."""
     allow_fault_injection: bool = False
     """Apply policies' `faults` sections (rehearsals in staging and tests); refused when false."""
+    state_dir: Path = Path("state")
+    """Control state (effective aliases, rollouts) and the control event log; atomic writes."""
+    admin_tokens: list[AdminToken] = []
+    """Admin API credentials, e.g. `[{"name": "ci", "role": "operator", "token": "..."}]` (JSON in the
+    environment). Roles: viewer (read), operator (switch, rollback, canary, shadow, rollout), admin
+    (also load/unload). With none, the admin API answers 401 to everyone."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway and uvicorn."""

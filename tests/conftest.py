@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,15 +37,18 @@ def free_port() -> int:
 class RunningServer:
     """A `gateway serve` subprocess on a free loopback port."""
 
-    def __init__(self, models: Path, policies: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, models: Path, policies: Path, env: dict[str, str] | None = None,
+                 state: Path | None = None) -> None:
         self.port = free_port()
+        self.state = state or Path(tempfile.mkdtemp(prefix="gateway-state-"))
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"gateway-test-{self.port}.log"
         self._log_file = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--port", str(self.port),
              "--models", str(models), "--policies", str(policies), "--log-level", "info"],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "GATEWAY_STATE_DIR": str(self.state), **(env or {})},
         )
 
     def wait_live(self, timeout: float = 60.0) -> None:
@@ -93,8 +97,9 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
     """Start extra servers on custom repositories; all are stopped after the test."""
     started: list[RunningServer] = []
 
-    def start(models: Path, policies: Path, env: dict[str, str] | None = None) -> RunningServer:
-        running = RunningServer(models, policies, env)
+    def start(models: Path, policies: Path, env: dict[str, str] | None = None,
+              state: Path | None = None) -> RunningServer:
+        running = RunningServer(models, policies, env, state)
         started.append(running)
         running.wait_live()
         return running
@@ -116,6 +121,7 @@ def repo_copy(tmp_path: Path) -> tuple[Path, Path]:
 
 def make_client(models: Path = MODELS, policies: Path = POLICIES, **settings: Any) -> TestClient:
     """An in-process client (lifespan runs on enter) for an app over the given repository."""
+    settings.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="gateway-state-")))
     return TestClient(create_app(Settings(models_dir=models, policies_dir=policies, **settings)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,8 @@ def test_a_slow_inference_does_not_block_other_requests() -> None:
     """While one request's model run is held in its worker thread, the loop keeps answering."""
 
     async def scenario() -> None:
-        app = create_app(Settings(models_dir=Path("models"), policies_dir=Path("policies")))
+        app = create_app(Settings(models_dir=Path("models"), policies_dir=Path("policies"),
+                                  state_dir=Path(tempfile.mkdtemp(prefix="gateway-state-"))))
         gateway = app.state.gateway
         await gateway.load()
         model = gateway.snapshot.model(MODEL).resolve(None).entry.model

@@ -79,7 +79,8 @@ def test_malformed_client_deadlines_are_400(client: Any, headers: dict[str, str]
 def _held_app(repo_copy: tuple[Path, Path], **settings: Any) -> tuple[Any, threading.Event, threading.Event]:
     """An app whose version-1 runs block until released (an injected hang), plus its two events."""
     models, policies = repo_copy
-    app = create_app(Settings(models_dir=models, policies_dir=policies, **settings))
+    app = create_app(Settings(models_dir=models, policies_dir=policies, state_dir=policies.parent / "state",
+                              **settings))
     return app, threading.Event(), threading.Event()
 
 

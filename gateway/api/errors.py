@@ -5,7 +5,10 @@ from __future__ import annotations
 import orjson
 from starlette.responses import Response
 
+from gateway.api.auth import Forbidden, Unauthenticated
+from gateway.control import Conflict, StoreFailed
 from gateway.errors import (
+    ClientError,
     GatewayError,
     InferenceFailed,
     InferenceTimeout,
@@ -29,6 +32,11 @@ STATUS: dict[type[GatewayError], tuple[int, str]] = {
     VersionNotFound: (404, "not_found"),
     Unavailable: (503, "unavailable"),
     InferenceTimeout: (504, "timeout"),
+    Unauthenticated: (401, "unauthenticated"),
+    Forbidden: (403, "forbidden"),
+    Conflict: (409, "conflict"),
+    StoreFailed: (503, "unavailable"),
+    ClientError: (400, "malformed"),
     InferenceFailed: (500, "error"),
 }
 

@@ -1,0 +1,301 @@
+"""Release control: alias changes, runtime load/unload, and the record of every decision.
+
+Every change is built on the side, made durable in the state store, and only then published by
+one assignment of the gateway's snapshot: a change that cannot be stored is refused, never half
+applied, and requests in flight finish on the snapshot they started with. Changes are
+serialised by one asyncio lock (the hot path never takes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ClientError, GatewayError, ModelNotFound
+from gateway.registry import ServedModel, ServedVersion, Snapshot
+from gateway.repository import ModelRepository, ModelVersion, version_key
+from gateway.state import Aliases, ModelState, RolloutState, StateStore, routing_hash
+
+log = logging.getLogger("gateway.control")
+
+EVENTS_KEPT = 1000
+#: joins a freshly loaded version with its model's policy: (served version or None, why not)
+ServeVersion = Callable[[ServedModel, ModelVersion], tuple[ServedVersion | None, str]]
+
+
+class Conflict(ClientError):
+    """The change contradicts the current state (e.g. unloading a version an alias points at)."""
+
+
+class StoreFailed(GatewayError):
+    """The change could not be made durable, so it was not applied."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """The outcome of one control action."""
+
+    model: str
+    action: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    took_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the admin API."""
+        return asdict(self)
+
+
+class ReleaseControl:
+    """Owns every change to what is served and where traffic goes."""
+
+    def __init__(self, get: Callable[[], Snapshot], publish: Callable[[Snapshot], None], store: StateStore,
+                 repository: ModelRepository, serve: ServeVersion,
+                 events_file: Path | None, clock: Callable[[], float] = time.time) -> None:
+        self._get = get
+        self._publish = publish
+        self._serve = serve
+        self.store = store
+        self._repository = repository
+        self._events_file = events_file
+        self._clock = clock
+        self.lock = asyncio.Lock()
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self.rollouts: dict[str, RolloutState | None] = {}
+
+    def current(self) -> Snapshot:
+        """The snapshot being served now."""
+        return self._get()
+
+    # --- startup ---------------------------------------------------------------------------
+
+    def reconcile(self, snapshot: Snapshot) -> Snapshot:
+        """Apply stored state where it still matches the policy's routing; store the rest."""
+        models = dict(snapshot.models)
+        for name, model in snapshot.models.items():
+            declared = _routing_of(model)
+            stored = self.store.load(name)
+            if stored is not None and stored.routing_hash == declared:
+                models[name] = model.with_aliases(stored.aliases, "state")
+                self.rollouts[name] = stored.rollout
+                continue
+            if stored is not None:
+                self.record("system", name, "policy_routing_changed", asdict(stored.aliases),
+                            asdict(model.aliases), reason="the policy's routing section changed: it wins")
+            self.rollouts[name] = None
+            try:
+                self.store.save(name, ModelState(model.aliases, declared, None, self._clock()))
+            except OSError as exc:
+                log.error("cannot write the state of %s: %s (changes will be refused)", name, exc)
+        return replace(snapshot, models=models)
+
+    # --- alias changes -----------------------------------------------------------------------
+
+    async def switch(self, model: str, version: str, actor: str) -> Change:
+        """Make `version` stable; the old stable stays loaded as `previous_stable`."""
+        async with self.lock:
+            current = self._model(model)
+            self._require_serving(current, version)
+            old = current.aliases
+            if old.stable == version:
+                raise Conflict(f"version {version!r} is already stable")
+            new = old.with_changes(stable=version, previous_stable=old.stable,
+                                   canary=None if old.canary == version else old.canary,
+                                   canary_percent=0.0 if old.canary == version else old.canary_percent)
+            return await self._apply(current, new, "switch", actor, end_rollout="aborted: manual switch")
+
+    async def rollback(self, model: str, actor: str, reason: str = "") -> Change:
+        """Make the previous stable version stable again, and drop any canary."""
+        async with self.lock:
+            return await self.rollback_locked(model, actor, reason)
+
+    async def rollback_locked(self, model: str, actor: str, reason: str = "") -> Change:
+        """`rollback` for callers that hold the lock (the rollout controller)."""
+        current = self._model(model)
+        old = current.aliases
+        if old.canary is not None and self._rollout_active(model):
+            new = old.with_changes(canary=None, canary_percent=0.0)  # a rollout's rollback drops the canary
+        elif old.previous_stable is None:
+            raise Conflict(f"model {model!r} has no previous stable version to roll back to")
+        else:
+            self._require_serving(current, old.previous_stable)
+            new = old.with_changes(stable=old.previous_stable, previous_stable=old.stable, canary=None,
+                                   canary_percent=0.0)
+        return await self._apply(current, new, "rollback", actor, reason=reason,
+                                 end_rollout=f"rolled_back: {reason or 'manual rollback'}")
+
+    async def set_canary(self, model: str, version: str | None, percent: float, actor: str,
+                         action: str = "canary", rollout: RolloutState | None = None) -> Change:
+        """Point the canary at `version` with `percent` of traffic (None clears it)."""
+        async with self.lock:
+            return await self.set_canary_locked(model, version, percent, actor, action, rollout)
+
+    async def set_canary_locked(self, model: str, version: str | None, percent: float, actor: str,
+                                action: str = "canary", rollout: RolloutState | None = None) -> Change:
+        """`set_canary` for callers that hold the lock."""
+        current = self._model(model)
+        if version is not None:
+            self._require_serving(current, version)
+            if version == current.aliases.stable:
+                raise Conflict(f"version {version!r} is stable; a canary must be another version")
+        new = current.aliases.with_changes(canary=version, canary_percent=percent if version else 0.0)
+        return await self._apply(current, new, action, actor, rollout=rollout)
+
+    async def promote_locked(self, model: str, actor: str, rollout: RolloutState) -> Change:
+        """The canary becomes stable (end of a rollout)."""
+        current = self._model(model)
+        old = current.aliases
+        if old.canary is None:
+            raise Conflict("no canary to promote")
+        new = old.with_changes(stable=old.canary, previous_stable=old.stable, canary=None, canary_percent=0.0)
+        return await self._apply(current, new, "promote", actor, rollout=rollout)
+
+    async def save_rollout_locked(self, model: str, rollout: RolloutState, action: str, actor: str) -> Change:
+        """Persist rollout progress without changing aliases."""
+        current = self._model(model)
+        return await self._apply(current, current.aliases, action, actor, rollout=rollout)
+
+    async def set_shadow(self, model: str, version: str | None, percent: float, actor: str) -> Change:
+        """Mirror `percent` of answered requests to `version` (None stops mirroring)."""
+        async with self.lock:
+            current = self._model(model)
+            if version is not None:
+                self._require_serving(current, version)
+            new = current.aliases.with_changes(shadow=version, shadow_percent=percent if version else 0.0)
+            return await self._apply(current, new, "shadow", actor)
+
+    # --- runtime load / unload ---------------------------------------------------------------
+
+    async def load(self, model: str, versions: list[str] | None, actor: str) -> Change:
+        """Load (verify, warm up) versions found on disk; by default every one not serving yet."""
+        async with self.lock:
+            started = time.perf_counter()
+            snapshot = self._get()
+            current = snapshot.models.get(model)
+            on_disk = self._repository.discover().get(model, [])
+            if not on_disk:
+                raise ModelNotFound(f"no versions of {model!r} in the model repository")
+            wanted = versions or [v for v in on_disk if current is None or v not in current.served]
+            missing = [v for v in wanted if v not in on_disk]
+            if missing:
+                raise ClientError(f"versions {missing} of {model!r} are not in the model repository")
+            if current is None:
+                raise Conflict(f"model {model!r} appeared after start; restart to serve a new model")
+            entries = await asyncio.gather(*(asyncio.to_thread(self._repository.load_version, model, v)
+                                             for v in wanted))
+            versions_map = dict(current.versions)
+            served = dict(current.served)
+            reasons = dict(current.version_reasons)
+            loaded, refused = [], {}
+            for entry in entries:
+                candidate, why = self._serve(current, entry)
+                if candidate is not None:
+                    versions_map[entry.version] = entry
+                    served[entry.version] = candidate
+                    reasons.pop(entry.version, None)
+                    loaded.append(entry.version)
+                else:  # a failed reload leaves a serving version as it was
+                    refused[entry.version] = why
+                    if entry.version not in served:
+                        versions_map[entry.version] = entry
+                        reasons[entry.version] = why
+            new_model = replace(current, versions=versions_map, served=served, version_reasons=reasons)
+            self._publish(replace(self._get(), models={**self._get().models, model: new_model}))
+            took = (time.perf_counter() - started) * 1000
+            change = Change(model, "load", {"serving": sorted(current.served, key=version_key)},
+                            {"serving": sorted(served, key=version_key), "loaded": loaded, "refused": refused}, took)
+            self.record(actor, model, "load", change.before, change.after)
+            if refused and not loaded:
+                raise Conflict(f"refused: {refused}")
+            return change
+
+    async def unload(self, model: str, versions: list[str] | None, actor: str) -> Change:
+        """Stop serving versions; refused for any version an alias points at."""
+        async with self.lock:
+            started = time.perf_counter()
+            current = self._model(model)
+            targets = versions or sorted(current.versions, key=version_key)
+            for v in targets:
+                current.entry(v)
+                held = current.aliases.referencing(v)
+                if held:
+                    raise Conflict(f"version {v!r} of {model!r} is {' and '.join(held)}; switch or clear the "
+                                   f"alias first" + ("" if versions else " (or unload a single version: "
+                                                                            "?version=N)"))
+            served = {v: s for v, s in current.served.items() if v not in targets}
+            reasons = {**current.version_reasons, **{v: "unloaded" for v in targets}}
+            new_model = replace(current, served=served, version_reasons=reasons)
+            self._publish(replace(self._get(), models={**self._get().models, model: new_model}))
+            took = (time.perf_counter() - started) * 1000
+            change = Change(model, "unload", {"serving": sorted(current.served, key=version_key)},
+                            {"serving": sorted(served, key=version_key)}, took)
+            self.record(actor, model, "unload", change.before, change.after)
+            return change
+
+    # --- shared ------------------------------------------------------------------------------
+
+    async def _apply(self, current: ServedModel, aliases: Aliases, action: str, actor: str, reason: str = "",
+                     end_rollout: str = "", rollout: RolloutState | None = None) -> Change:
+        started = time.perf_counter()
+        name = current.name
+        state_rollout = rollout if rollout is not None else self.rollouts.get(name)
+        if end_rollout and state_rollout is not None and state_rollout.active:
+            status, _, why = end_rollout.partition(": ")
+            state_rollout = replace(state_rollout, status=status, reason=why)
+        state = ModelState(aliases, _routing_of(current), state_rollout, self._clock())
+        try:
+            await asyncio.to_thread(self.store.save, name, state)
+        except OSError as exc:
+            raise StoreFailed(f"cannot store the change ({exc}); nothing was changed") from None
+        stored_ms = (time.perf_counter() - started) * 1000
+        swap_started = time.perf_counter()
+        snapshot = self._get()
+        self._publish(replace(snapshot, models={**snapshot.models, name: current.with_aliases(aliases, "state")}))
+        swap_us = (time.perf_counter() - swap_started) * 1e6
+        self.rollouts[name] = state_rollout
+        took = (time.perf_counter() - started) * 1000
+        before, after = asdict(current.aliases), asdict(aliases)
+        self.record(actor, name, action, before, after, reason=reason,
+                    timing={"took_ms": round(took, 3), "stored_ms": round(stored_ms, 3), "swap_us": round(swap_us, 1)})
+        return Change(name, action, before, after, round(took, 3))
+
+    def record(self, actor: str, model: str, action: str, before: Any, after: Any, reason: str = "",
+               timing: dict[str, float] | None = None) -> None:
+        """Log one decision with its actor, time, before and after (kept in memory and in events.jsonl)."""
+        event = {"time": self._clock(), "actor": actor, "model": model, "action": action, "before": before,
+                 "after": after, "reason": reason, **(timing or {})}
+        self.events.append(event)
+        log.info("control %s by %s on %s: %s -> %s %s", action, actor, model, before, after, reason)
+        if self._events_file is not None:
+            try:
+                self._events_file.parent.mkdir(parents=True, exist_ok=True)
+                with self._events_file.open("a") as handle:
+                    handle.write(json.dumps(event, default=str) + "\n")
+            except OSError as exc:
+                log.error("cannot append to %s: %s", self._events_file, exc)
+
+    def _model(self, name: str) -> ServedModel:
+        return self._get().model(name)
+
+    def _rollout_active(self, model: str) -> bool:
+        rollout = self.rollouts.get(model)
+        return rollout is not None and rollout.active
+
+    @staticmethod
+    def _require_serving(model: ServedModel, version: str) -> None:
+        model.entry(version)
+        if version not in model.served:
+            raise Conflict(f"version {version!r} of {model.name!r} is not serving "
+                           f"({model.version_reasons.get(version, 'not loaded')}); load it first")
+
+
+def _routing_of(model: ServedModel) -> str:
+    routing = model.policy.policy.routing.model_dump() if model.policy else {}
+    return routing_hash(routing)
