@@ -6,7 +6,9 @@ Exit codes: 0 success, 1 invalid input (a policy or card with problems), 2 usage
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,22 +38,117 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--models", type=Path, default=Path("models"), help="model repository (default ./models)")
     schema = policy_commands.add_parser("schema", help="print (or write) the policy JSON Schema")
     schema.add_argument("--output", type=Path, help="write to this file instead of standard output")
+    _admin_commands(commands)
+
     docs = policy_commands.add_parser("docs", help="print the policy and settings reference (Markdown)")
     docs.add_argument("--write", type=Path, metavar="FILE",
                       help="refresh the generated sections of FILE (e.g. README.md) in place")
     return parser
 
 
+def _admin_commands(commands: Any) -> None:
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
+                            help="gateway address (env GATEWAY_URL, default http://127.0.0.1:8080)")
+        parser.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"),
+                            help="admin bearer token (env GATEWAY_TOKEN)")
+        return parser
+
+    add("status", "show models, versions, aliases, breakers and problems")
+    switch = add("switch", "make a version stable at once (the old stable stays warm for rollback)")
+    switch.add_argument("model")
+    switch.add_argument("version")
+    rollback = add("rollback", "go back to the previous stable version")
+    rollback.add_argument("model")
+    rollback.add_argument("--reason", default="")
+    canary = add("canary", "send a share of traffic to a canary version (0 or --clear stops it)")
+    canary.add_argument("model")
+    canary.add_argument("version", nargs="?")
+    canary.add_argument("percent", nargs="?", type=float)
+    canary.add_argument("--clear", action="store_true")
+    shadow = add("shadow", "mirror a share of requests to a shadow version (--clear stops it)")
+    shadow.add_argument("model")
+    shadow.add_argument("version", nargs="?")
+    shadow.add_argument("--percent", type=float, default=100.0)
+    shadow.add_argument("--clear", action="store_true")
+    rollout = add("rollout", "progressive rollout: start MODEL VERSION | pause | resume | abort | status MODEL")
+    rollout.add_argument("action", choices=["start", "pause", "resume", "abort", "status"])
+    rollout.add_argument("model")
+    rollout.add_argument("version", nargs="?")
+    load = add("load", "load (verify, warm up) versions of a model at runtime")
+    load.add_argument("model")
+    load.add_argument("--version", help="one version (default: every version not yet serving)")
+    unload = add("unload", "stop serving a version (refused while an alias points at it)")
+    unload.add_argument("model")
+    unload.add_argument("--version", required=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command in ADMIN_COMMANDS:
+        return _admin(parser, args)
     if args.policy_command == "check":
         return _policy_check(args.files, args.models)
     if args.policy_command == "docs":
         return _policy_docs(args.write)
     return _policy_schema(args.output)
+
+
+ADMIN_COMMANDS = {"status", "switch", "rollback", "canary", "shadow", "rollout", "load", "unload"}
+
+
+def _admin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Turn an admin command into one API call; print the JSON answer; 0 ok, 1 refused, 2 unreachable."""
+    from gateway.admin_client import AdminCallFailed, AdminClient
+
+    model = getattr(args, "model", "")
+    call: tuple[str, str, dict[str, Any] | None]
+    if args.command == "status":
+        call = ("GET", "/status", None)
+    elif args.command == "switch":
+        call = ("POST", f"/admin/models/{model}/switch", {"version": args.version})
+    elif args.command == "rollback":
+        call = ("POST", f"/admin/models/{model}/rollback", {"reason": args.reason})
+    elif args.command == "canary":
+        if args.clear or args.percent == 0:
+            call = ("DELETE", f"/admin/models/{model}/canary", None)
+        elif args.version is None or args.percent is None:
+            parser.error("canary needs MODEL VERSION PERCENT (or --clear)")
+        else:
+            call = ("PUT", f"/admin/models/{model}/canary", {"version": args.version, "percent": args.percent})
+    elif args.command == "shadow":
+        if args.clear:
+            call = ("DELETE", f"/admin/models/{model}/shadow", None)
+        elif args.version is None:
+            parser.error("shadow needs MODEL VERSION (or --clear)")
+        else:
+            call = ("PUT", f"/admin/models/{model}/shadow", {"version": args.version, "percent": args.percent})
+    elif args.command == "rollout":
+        if args.action == "start":
+            if args.version is None:
+                parser.error("rollout start needs MODEL VERSION")
+            call = ("POST", f"/admin/models/{model}/rollout", {"version": args.version})
+        elif args.action == "status":
+            call = ("GET", f"/admin/models/{model}/rollout", None)
+        else:
+            call = ("POST", f"/admin/models/{model}/rollout/{args.action}", None)
+    elif args.command == "load":
+        suffix = f"?version={args.version}" if args.version else ""
+        call = ("POST", f"/v2/repository/models/{model}/load{suffix}", None)
+    else:
+        call = ("POST", f"/v2/repository/models/{model}/unload?version={args.version}", None)
+    try:
+        reply = AdminClient(args.url, args.token).call(*call)
+    except AdminCallFailed as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(reply.body, indent=2))
+    return EXIT_OK if reply.status < 400 else EXIT_INVALID
 
 
 def _serve(args: argparse.Namespace) -> int:
