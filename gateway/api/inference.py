@@ -75,7 +75,8 @@ async def _serve(request: Request, protocol: str, model: str, version: str | Non
         if decoded.timeout_ms is not None:
             timeout_ms = decoded.timeout_ms if timeout_ms is None else min(timeout_ms, decoded.timeout_ms)
         call = InferenceCall(model, version, decoded.columns, decoded.outputs,
-                             decoded.id if decoded.id is not None else request_id, arrived, timeout_ms)
+                             decoded.id if decoded.id is not None else request_id, arrived, timeout_ms,
+                             request.headers)
         answer, batch = await gateway.pipeline.infer(call)
     except GatewayError as exc:
         _, outcome = status_of(exc)
