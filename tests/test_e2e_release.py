@@ -77,8 +77,8 @@ def test_switches_under_load_lose_no_request(repo_copy: tuple[Path, Path], start
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             for i in range(20):
                 await asyncio.sleep(0.12)
-                answer = await client.post(f"/admin/models/{MODEL}/switch", json={"version": "2" if i % 2 == 0 else "1"},
-                                           headers=AUTH)
+                answer = await client.post(f"/admin/models/{MODEL}/switch",
+                                           json={"version": "2" if i % 2 == 0 else "1"}, headers=AUTH)
                 assert answer.status_code == 200, answer.text
                 switch_times.append(answer.json()["took_ms"])
         return await load
