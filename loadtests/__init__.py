@@ -1,0 +1,1 @@
+"""Bundled load and fault scenarios (loopback only, bounded duration)."""
