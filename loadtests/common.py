@@ -126,7 +126,7 @@ async def open_loop(url: str, rate: float, seconds: float, path: str, body: dict
                     results.statuses[answer.status] += 1
                     results.versions[answer.headers.get("x-model-version", "-")] += 1
                     results.routes[answer.headers.get("x-route", "-")] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 results.errors[type(exc).__name__] += 1
 
         await asyncio.gather(*(one(i) for i in range(count)))
