@@ -57,7 +57,9 @@ class Gateway:
                                           self.stats, self.shadow)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
         self.control = ReleaseControl(lambda: self.snapshot, self.publish, StateStore(settings.state_dir),
-                                      self.repository, self._serve_version, settings.state_dir / "events.jsonl")
+                                      self.repository, self._serve_version, settings.state_dir / "events.jsonl",
+                                      on_change=lambda model, action: self.metrics.alias_changes.labels(
+                                          model, action).inc())
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan)
         self.tokens = TokenBook(settings.admin_tokens)
 

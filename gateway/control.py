@@ -58,8 +58,10 @@ class ReleaseControl:
 
     def __init__(self, get: Callable[[], Snapshot], publish: Callable[[Snapshot], None], store: StateStore,
                  repository: ModelRepository, serve: ServeVersion,
-                 events_file: Path | None, clock: Callable[[], float] = time.time) -> None:
+                 events_file: Path | None, clock: Callable[[], float] = time.time,
+                 on_change: Callable[[str, str], None] | None = None) -> None:
         self._get = get
+        self._on_change = on_change
         self._publish = publish
         self._serve = serve
         self.store = store
@@ -264,6 +266,8 @@ class ReleaseControl:
         self.rollouts[name] = state_rollout
         took = (time.perf_counter() - started) * 1000
         before, after = asdict(current.aliases), asdict(aliases)
+        if self._on_change is not None:
+            self._on_change(name, action)
         self.record(actor, name, action, before, after, reason=reason,
                     timing={"took_ms": round(took, 3), "stored_ms": round(stored_ms, 3), "swap_us": round(swap_us, 1)})
         return Change(name, action, before, after, round(took, 3))
