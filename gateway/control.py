@@ -108,9 +108,10 @@ class ReleaseControl:
             old = current.aliases
             if old.stable == version:
                 raise Conflict(f"version {version!r} is already stable")
+            drop_canary = old.canary == version or self._rollout_active(model)  # a switch ends a rollout
             new = old.with_changes(stable=version, previous_stable=old.stable,
-                                   canary=None if old.canary == version else old.canary,
-                                   canary_percent=0.0 if old.canary == version else old.canary_percent)
+                                   canary=None if drop_canary else old.canary,
+                                   canary_percent=0.0 if drop_canary else old.canary_percent)
             return await self._apply(current, new, "switch", actor, end_rollout="aborted: manual switch")
 
     async def rollback(self, model: str, actor: str, reason: str = "") -> Change:
