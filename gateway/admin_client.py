@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -32,16 +33,16 @@ class AdminClient:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> AdminReply:
         """One request; 4xx/5xx come back as replies, connection problems raise AdminCallFailed."""
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
         try:
+            request = urllib.request.Request(self.url.rstrip("/") + path, data=data, method=method)
+            request.add_header("Content-Type", "application/json")
+            if self.token:
+                request.add_header("Authorization", f"Bearer {self.token}")
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return AdminReply(response.status, _decode(response.read()))
         except urllib.error.HTTPError as exc:
             return AdminReply(exc.code, _decode(exc.read()))
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             raise AdminCallFailed(f"cannot reach {self.url}: {exc}") from None
 
 

@@ -102,6 +102,8 @@ class StateStore:
             return None
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("the state file is not a JSON object")
             rollout = data.get("rollout")
             return ModelState(
                 aliases=Aliases(**data["aliases"]),
