@@ -16,11 +16,13 @@ from starlette.responses import Response
 
 from gateway import __version__
 from gateway.api import admin, health, inference
+from gateway.api import monitoring as monitoring_api
 from gateway.api import repository as repository_api
 from gateway.api.auth import TokenBook
 from gateway.api.errors import json_response
 from gateway.control import ReleaseControl
 from gateway.faults import FaultInjector
+from gateway.monitoring import Monitoring
 from gateway.pipeline import InferencePipeline
 from gateway.policy import Rollout
 from gateway.registry import BreakerBoard, ServedModel, ServedVersion, Snapshot, build_snapshot, serve_version
@@ -53,14 +55,16 @@ class Gateway:
         self.breakers = BreakerBoard(on_change=self.metrics.breaker_changed)
         self.stats = TrafficStats()
         self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics)
+        self.monitor = Monitoring(lambda: self.snapshot, self.metrics)
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
-                                          self.stats, self.shadow)
+                                          self.stats, self.shadow, monitor=self.monitor)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
         self.control = ReleaseControl(lambda: self.snapshot, self.publish, StateStore(settings.state_dir),
                                       self.repository, self._serve_version, settings.state_dir / "events.jsonl",
                                       on_change=lambda model, action: self.metrics.alias_changes.labels(
                                           model, action).inc())
-        self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan)
+        self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
+                                          drift_state=self.monitor.drift_state)
         self.tokens = TokenBook(settings.admin_tokens)
 
     async def load(self) -> None:
@@ -70,6 +74,7 @@ class Gateway:
             self.breakers, self.settings.allow_fault_injection)
         self.publish(await asyncio.to_thread(self.control.reconcile, snapshot))
         self.rollouts.resume_all()
+        self.monitor.start()
 
     def _serve_version(self, model: ServedModel, entry: ModelVersion) -> tuple[ServedVersion | None, str]:
         faults = None
@@ -111,6 +116,7 @@ class Gateway:
         """Stop rollouts and shadows, then the worker threads (after in-flight runs finish)."""
         await self.rollouts.close()
         await self.shadow.close()
+        await self.monitor.close()
         self.close()
 
     def close(self) -> None:
@@ -137,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference.router)
     app.include_router(admin.router)
     app.include_router(repository_api.router)
+    app.include_router(monitoring_api.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -27,6 +27,7 @@ from gateway.errors import (
     Unavailable,
     Violation,
 )
+from gateway.monitoring import Monitoring
 from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.routing import choose_version, shadow_version, sticky_value
 from gateway.shadow import ShadowJob, ShadowMirror
@@ -66,13 +67,14 @@ class InferencePipeline:
 
     def __init__(self, snapshot: Callable[[], Snapshot], executor: ThreadPoolExecutor,
                  max_queued: int = 256, stats: TrafficStats | None = None, shadow: ShadowMirror | None = None,
-                 draw: Callable[[], float] = random.random) -> None:
+                 draw: Callable[[], float] = random.random, monitor: Monitoring | None = None) -> None:
         self._snapshot = snapshot
         self._executor = executor
         self._max_queued = max_queued
         self.stats = stats or TrafficStats()
         self._shadow = shadow
         self._draw = draw
+        self._monitor = monitor
         self.in_flight = 0
         self.fallbacks: Counter[tuple[str, str]] = Counter()
         self.answered: Counter[str] = Counter()
@@ -80,6 +82,8 @@ class InferencePipeline:
     async def infer(self, call: InferenceCall) -> tuple[Answer, ValidatedBatch]:
         """Answer one request; raises a GatewayError subclass when neither model nor fallback can."""
         model = self._snapshot().model(call.model)
+        if self._monitor is not None:
+            self._monitor.count(model.name)
         budget = model.timeout_s if call.timeout_ms is None else min(model.timeout_s, call.timeout_ms / 1000)
         deadline = call.arrived + budget
         request_id = call.request_id if call.request_id is not None else uuid.uuid4().hex
@@ -103,6 +107,8 @@ class InferencePipeline:
             if model.fallback is None:
                 raise
             return self._fallback(model, batch, wanted, request_id, exc, version), batch
+        if self._monitor is not None:
+            self._monitor.observe(model, served, batch, results, request_id)
         answer = self._model_answer(model, served, batch, results, wanted, request_id, route)
         self.stats.record(model.name, version, self._elapsed(call), False, "fallback_rows" in answer.parameters)
         if route != "pinned" and self._shadow is not None:
@@ -218,8 +224,8 @@ def _requested_outputs(served: ServedVersion, outputs: list[str] | None) -> list
 
 
 def _with_score(served: ServedVersion, model: ServedModel, wanted: list[str] | None) -> list[str] | None:
-    """The outputs to compute: the wanted ones, plus the score when low-confidence checks need it."""
+    """The outputs to compute: the wanted ones, plus the card's score (monitoring and low-confidence checks)."""
     score = served.entry.card.score if served.entry.card else None
-    if wanted is None or model.fallback is None or model.fallback.low_confidence is None or score is None:
+    if wanted is None or score is None:
         return wanted
     return wanted if score.output in wanted else [*wanted, score.output]

@@ -216,6 +216,8 @@ class RollbackCriteria(_Policy):
     """Share of the canary's answers that came from the fallback rules."""
     shadow_disagreement_gt: float | None = Field(default=None, ge=0, le=1)
     """Label disagreement between the canary as shadow and the primary (needs a shadow on the canary)."""
+    drift_alert: bool = True
+    """Roll back when any of the canary's features (or its score) is in drift `alert`."""
 
 
 class Rollout(_Policy):
@@ -318,6 +320,78 @@ class Fault(_Policy):
     _text = field_validator("version", mode="before")(_version_text)
 
 
+class DriftRule(_Policy):
+    """Which score decides a drift state, and its thresholds."""
+
+    metric: Literal["psi", "ks", "js", "chi2_p"] = "psi"
+    """`psi`, `ks` (numeric only), `js`, or `chi2_p` (categorical only; low p means drift)."""
+    warn: float = Field(default=0.1, ge=0)
+    """Score at which the state is `warn` (for `chi2_p`: p-value at or below)."""
+    alert: float = Field(default=0.25, ge=0)
+    """Score at which the state is `alert` (for `chi2_p`: p-value at or below)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftRule:
+        if self.metric == "chi2_p" and self.alert > self.warn:
+            raise ValueError("for chi2_p, alert is a smaller p-value than warn")
+        if self.metric != "chi2_p" and self.alert < self.warn:
+            raise ValueError("alert must be at least warn")
+        return self
+
+
+class Volume(_Policy):
+    """Expected requests per minute; outside the band is an anomaly."""
+
+    min_per_minute: float | None = Field(default=None, ge=0)
+    """Fewer requests than this in the last full minute is an anomaly."""
+    max_per_minute: float | None = Field(default=None, ge=0)
+    """More requests than this in the last full minute is an anomaly."""
+
+
+class Drift(_Policy):
+    """Online drift of inputs and of the prediction score against the card's reference profile."""
+
+    window: int = Field(default=5000, ge=10, le=10_000_000)
+    """Rows in the sliding window (per version); older rows age out a sub-window at a time."""
+    sub_windows: int = Field(default=10, ge=1, le=1000)
+    """How many pieces the window is kept in (ageing granularity)."""
+    min_rows: int = Field(default=500, ge=1)
+    """Fewer rows than this in the window: state `insufficient`, no score."""
+    numeric: DriftRule = DriftRule()
+    """Rule for numeric features."""
+    categorical: DriftRule = DriftRule()
+    """Rule for categorical features."""
+    prediction: DriftRule = DriftRule()
+    """Rule for the prediction score."""
+    missing_rate_alert: float = Field(default=0.2, ge=0, le=1)
+    """Missing-value rate above the reference's by more than this: alert."""
+    unseen_rate_alert: float = Field(default=0.05, ge=0, le=1)
+    """Share of unseen categories (or out-of-range numbers) above this: alert."""
+    queue: int = Field(default=1000, ge=1, le=1_000_000)
+    """Batches waiting to be folded into the window; when full, new ones are dropped and counted."""
+    score_every_s: float = Field(default=2.0, gt=0, le=3600)
+    """Scores are recomputed at most this often (not per request)."""
+    volume: Volume = Volume()
+    """Expected request volume."""
+
+
+class Feedback(_Policy):
+    """Delayed true labels, joined to predictions by request id."""
+
+    store: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Recent predictions kept for joining; older ones expire (their feedback is reported back)."""
+    window: int = Field(default=1000, ge=10, le=1_000_000)
+    """Labelled rows per version the online metrics are computed over."""
+    min_labels: int = Field(default=100, ge=1)
+    """Fewer labelled rows: state `insufficient`."""
+    accuracy_below: float | None = Field(default=None, ge=0, le=1)
+    """Online accuracy below this: alert."""
+    auc_below: float | None = Field(default=None, ge=0, le=1)
+    """Online AUC below this: alert."""
+    brier_above: float | None = Field(default=None, ge=0, le=1)
+    """Online Brier score above this: alert."""
+
+
 class Policy(_Policy):
     """Everything the gateway enforces for one model."""
 
@@ -339,6 +413,10 @@ class Policy(_Policy):
     """Fault injection for rehearsals; refused unless the server allows it."""
     rollout: Rollout = Rollout()
     """Progressive rollout plan and rollback criteria."""
+    drift: Drift = Drift()
+    """Online drift monitoring."""
+    feedback: Feedback = Feedback()
+    """Outcome monitoring from delayed labels."""
 
     def rule_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Fallback conditions naming unknown features or comparing unlike kinds, with their paths."""

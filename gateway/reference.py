@@ -16,10 +16,13 @@ from pydantic.fields import FieldInfo
 from gateway.policy import (
     Breaker,
     Canary,
+    Drift,
+    DriftRule,
     Fallback,
     FallbackRule,
     Fault,
     FeatureSpec,
+    Feedback,
     Guard,
     InputSchema,
     LowConfidence,
@@ -30,6 +33,7 @@ from gateway.policy import (
     Shadow,
     Slo,
     StickyKey,
+    Volume,
 )
 from gateway.settings import Settings
 
@@ -50,6 +54,10 @@ POLICY_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("faults[]", Fault),
     ("rollout", Rollout),
     ("rollout.rollback_if", RollbackCriteria),
+    ("drift", Drift),
+    ("drift.numeric / categorical / prediction", DriftRule),
+    ("drift.volume", Volume),
+    ("feedback", Feedback),
 ]
 
 

@@ -55,7 +55,9 @@ class RolloutController:
 
     def __init__(self, control: ReleaseControl, stats: TrafficStats, metrics: Metrics,
                  plan_of: Callable[[str], Rollout], clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 drift_state: Callable[[str, str], str] | None = None) -> None:
+        self._drift_state = drift_state
         self._control = control
         self._stats = stats
         self._metrics = metrics
@@ -179,6 +181,9 @@ class RolloutController:
             canary = between(base_canary, self._stats.snapshot(model, state.version))
             baseline = between(base_stable, self._stats.snapshot(model, stable))
             found = breaches(plan, canary, baseline)
+            if (plan.rollback_if.drift_alert and self._drift_state is not None
+                    and self._drift_state(model, state.version) == "alert"):
+                found.append("the canary's inputs or score drifted (drift state alert)")
             if found:
                 await self._roll_back(model, "; ".join(found), canary, baseline)
                 return False

@@ -68,6 +68,44 @@ class Metrics:
         self.rollout_decisions = Counter(
             "gateway_rollout_decisions", "Rollout decisions (advance, extend, promote, rollback, pause, abort).",
             ["model", "decision"], registry=self.registry)
+        self.drift_score = Gauge(
+            "gateway_drift_score", "Drift score of a feature (or `_score`, the prediction) against the reference.",
+            ["model", "version", "feature", "metric"], registry=self.registry)
+        self.drift_state = Gauge(
+            "gateway_drift_state", "Drift state per feature: -1 insufficient data, 0 ok, 1 warn, 2 alert.",
+            ["model", "version", "feature"], registry=self.registry)
+        self.drift_window_rows = Gauge(
+            "gateway_drift_window_rows", "Rows currently in the drift window.", ["model", "version"],
+            registry=self.registry)
+        self.drift_dropped = Counter(
+            "gateway_drift_dropped_batches", "Batches not folded into drift windows because the queue was full.",
+            ["model"], registry=self.registry)
+        self.drift_queue_depth = Gauge(
+            "gateway_drift_queue_depth", "Batches waiting to be folded into drift windows.", registry=self.registry)
+        self.prediction_null_ratio = Gauge(
+            "gateway_prediction_null_ratio", "Share of null or NaN prediction scores in the drift window.",
+            ["model", "version"], registry=self.registry)
+        self.requests_per_minute = Gauge(
+            "gateway_requests_per_minute", "Inference requests in the last full minute.", ["model"],
+            registry=self.registry)
+        self.volume_anomaly = Gauge(
+            "gateway_volume_anomaly", "1 when the last full minute's volume is outside the policy's band.",
+            ["model"], registry=self.registry)
+        self.feedback_labels = Counter(
+            "gateway_feedback_labels", "Delayed labels joined to a prediction.", ["model", "version"],
+            registry=self.registry)
+        self.feedback_unmatched = Counter(
+            "gateway_feedback_unmatched", "Feedback whose request id was unknown or had expired.",
+            ["model", "reason"], registry=self.registry)
+        self.outcome_metric = Gauge(
+            "gateway_outcome", "Online quality from delayed labels (metric: accuracy, auc, brier).",
+            ["model", "version", "metric"], registry=self.registry)
+        self.outcome_state = Gauge(
+            "gateway_outcome_state", "Outcome state: -1 insufficient labels, 0 ok, 2 alert.", ["model", "version"],
+            registry=self.registry)
+        self.shadow_queue_depth = Gauge(
+            "gateway_shadow_queue_depth", "Mirrored requests waiting for the shadow.", ["model"],
+            registry=self.registry)
         self.version_ready = Gauge(
             "gateway_model_version_ready", "1 when a model version is loaded and serving, else 0.",
             ["model", "version"], registry=self.registry)

@@ -1,0 +1,214 @@
+"""Monitoring side path: drift windows, request volume, feedback joins; reports at a cadence.
+
+The request path only calls `observe` (a dict of column references and a non-blocking put on a
+bounded per-model queue) and `count`. A worker per model folds batches into the drift windows;
+one refresher recomputes reports every `drift.score_every_s` and updates the Prometheus gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gateway.drift import SCORE, STATE_CODES, VersionDrift
+from gateway.feedback import FeedbackStore
+from gateway.policy import Drift, Policy
+from gateway.registry import ServedModel, ServedVersion, Snapshot
+from gateway.telemetry import Metrics
+from gateway.validation import ValidatedBatch
+
+log = logging.getLogger("gateway.monitoring")
+
+
+@dataclass(frozen=True)
+class _Job:
+    version: str
+    columns: dict[str, np.ndarray]
+    scores: np.ndarray | None
+
+
+class Monitoring:
+    """Drift, volume and outcome monitoring for every model."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._snapshot = snapshot
+        self._metrics = metrics
+        self._clock = clock
+        self._queues: dict[str, asyncio.Queue[_Job]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._windows: dict[tuple[str, str], tuple[Drift, VersionDrift]] = {}
+        self._reports: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self._minutes: dict[str, tuple[int, int, int]] = {}  # model -> (minute, count, previous count)
+        self.feedback = FeedbackStore()
+        self.dropped: dict[str, int] = {}
+
+    # --- request path ------------------------------------------------------------------------
+
+    def count(self, model: str) -> None:
+        """Count one request towards the per-minute volume."""
+        minute = int(self._clock() // 60)
+        current, count, previous = self._minutes.get(model, (minute, 0, -1))
+        if minute != current:
+            previous = count if minute == current + 1 else 0
+            current, count = minute, 0
+        self._minutes[model] = (current, count + 1, previous)
+
+    def observe(self, model: ServedModel, served: ServedVersion, batch: ValidatedBatch,
+                results: dict[str, np.ndarray], request_id: str) -> None:
+        """Hand a model answer to the side path (never blocks; a full queue drops and counts)."""
+        card = served.entry.card
+        if card is None or model.policy is None:
+            return
+        policy = model.policy.policy
+        scores = _scores(card.score, results, batch.rows)
+        if scores is not None:
+            self.feedback.remember(model.name, policy.feedback, request_id, served.entry.version, scores)
+        if card.reference_profile is None:
+            return
+        sources = {name: spec.input or name for name, spec in policy.input_schema.features.items()}
+        columns = {name: batch.feeds[src].reshape(batch.rows, -1)[:, 0] for name, src in sources.items()
+                   if src in batch.feeds and name in card.reference_profile.features}
+        queue = self._queues.get(model.name)
+        if queue is None:
+            queue = self._queues[model.name] = asyncio.Queue(maxsize=policy.drift.queue)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._fold(model.name, queue)))
+        try:
+            queue.put_nowait(_Job(served.entry.version, columns, scores))
+        except asyncio.QueueFull:
+            self.dropped[model.name] = self.dropped.get(model.name, 0) + 1
+            self._metrics.drift_dropped.labels(model.name).inc()
+
+    # --- background ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the periodic refresher (call from the running loop)."""
+        self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_forever()))
+
+    async def close(self) -> None:
+        """Stop every task."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def drain(self) -> None:
+        """Wait until every queued batch is folded in (for tests and reports on demand)."""
+        for queue in list(self._queues.values()):
+            await queue.join()
+
+    async def _fold(self, model: str, queue: asyncio.Queue[_Job]) -> None:
+        while True:
+            job = await queue.get()
+            try:
+                window = self._window(model, job.version)
+                if window is not None:
+                    window.add(job.columns, job.scores)
+            except Exception:  # a bad batch must not stop monitoring; it is logged and counted
+                log.exception("drift update of %s/%s failed", model, job.version)
+                self._metrics.drift_dropped.labels(model).inc()
+            finally:
+                queue.task_done()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for model in list(self._snapshot().models.values()):
+                self.report(model.name)
+
+    def _window(self, model: str, version: str) -> VersionDrift | None:
+        served_model = self._snapshot().models.get(model)
+        served = served_model.served.get(version) if served_model else None
+        if served_model is None or served is None or served.entry.card is None or served_model.policy is None:
+            return None
+        policy = served_model.policy.policy.drift
+        key = (model, version)
+        known = self._windows.get(key)
+        if known is None or known[0] != policy:
+            profile = served.entry.card.reference_profile
+            if profile is None:
+                return None
+            score = served.entry.card.score
+            known = (policy, VersionDrift(profile, policy, score.index if score else None))
+            self._windows[key] = known
+        return known[1]
+
+    # --- reports ---------------------------------------------------------------------------------
+
+    def report(self, model_name: str, fresh: bool = False) -> dict[str, Any]:
+        """Drift and outcome report of every version of a model (recomputed at the policy's cadence)."""
+        model = self._snapshot().model(model_name)
+        policy = model.policy.policy if model.policy else Policy.model_validate({"model": model_name, "schema": {
+            "features": {}}})
+        versions = []
+        now = self._clock()
+        for version in sorted(model.served):
+            key = (model_name, version)
+            cached = self._reports.get(key)
+            if fresh or cached is None or now - cached[0] >= policy.drift.score_every_s:
+                cached = (now, self._compute(model, version, policy))
+                self._reports[key] = cached
+            versions.append(cached[1])
+        volume = self._volume(model_name, policy)
+        self._metrics.requests_per_minute.labels(model_name).set(volume["last_minute"] or 0)
+        self._metrics.volume_anomaly.labels(model_name).set(1 if volume["state"] == "anomaly" else 0)
+        queue = self._queues.get(model_name)
+        return {"model": model_name, "versions": versions, "volume": volume,
+                "queued_batches": queue.qsize() if queue else 0, "dropped_batches": self.dropped.get(model_name, 0)}
+
+    def _compute(self, model: ServedModel, version: str, policy: Policy) -> dict[str, Any]:
+        window = self._window(model.name, version)
+        drift = window.report() if window is not None else None
+        outcome = self.feedback.report(model.name, version, policy.feedback)
+        m = self._metrics
+        if drift is not None:
+            m.drift_window_rows.labels(model.name, version).set(drift["window"]["rows"])
+            entries = [*drift["features"].items(), *([(SCORE, drift["prediction"])] if drift["prediction"] else [])]
+            for feature, entry in entries:
+                m.drift_state.labels(model.name, version, feature).set(STATE_CODES[entry["state"]])
+                for metric, value in (entry["scores"] or {}).items():
+                    m.drift_score.labels(model.name, version, feature, metric).set(value)
+            if drift["null_prediction_rate"] is not None:
+                m.prediction_null_ratio.labels(model.name, version).set(drift["null_prediction_rate"])
+        m.outcome_state.labels(model.name, version).set(STATE_CODES[outcome["state"]])
+        for metric in ("accuracy", "auc", "brier"):
+            if outcome.get(metric) is not None:
+                m.outcome_metric.labels(model.name, version, metric).set(outcome[metric])
+        return {"version": version, "drift": drift, "outcome": outcome}
+
+    def _volume(self, model: str, policy: Policy) -> dict[str, Any]:
+        minute = int(self._clock() // 60)
+        current, count, previous = self._minutes.get(model, (minute, 0, -1))
+        last = previous if current == minute else (count if current == minute - 1 else 0)
+        band = policy.drift.volume
+        if last < 0 or (band.min_per_minute is None and band.max_per_minute is None):
+            state = "insufficient" if last < 0 else "ok"
+        elif (band.min_per_minute is not None and last < band.min_per_minute) or (
+                band.max_per_minute is not None and last > band.max_per_minute):
+            state = "anomaly"
+        else:
+            state = "ok"
+        return {"last_minute": None if last < 0 else last, "this_minute": count if current == minute else 0,
+                "band": [band.min_per_minute, band.max_per_minute], "state": state}
+
+    def drift_state(self, model: str, version: str) -> str:
+        """The version's overall drift state (for rollout criteria)."""
+        cached = self._reports.get((model, version))
+        if cached is None or cached[1]["drift"] is None:
+            return "insufficient"
+        return str(cached[1]["drift"]["state"])
+
+
+def _scores(score: Any, results: dict[str, np.ndarray], rows: int) -> np.ndarray | None:
+    if score is None or score.output not in results:
+        return None
+    column = results[score.output].reshape(rows, -1)
+    return column[:, score.index or 0].astype(np.float64)
