@@ -66,7 +66,7 @@ def chi2_p(expected: np.ndarray, counts: np.ndarray) -> float:
         return 1.0
     wanted = expected[mask] / expected[mask].sum() * total
     statistic = float(np.sum((observed - wanted) ** 2 / wanted))
-    return upper_gamma_regularized((mask.sum() - 1) / 2, statistic / 2)
+    return float(upper_gamma_regularized(float(mask.sum() - 1) / 2, statistic / 2))
 
 
 def upper_gamma_regularized(a: float, x: float) -> float:

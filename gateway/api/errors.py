@@ -51,7 +51,8 @@ def status_of(error: GatewayError) -> tuple[int, str]:
 
 def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response serialised with orjson."""
-    return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
