@@ -34,6 +34,7 @@ from gateway.shadow import ShadowMirror
 from gateway.state import StateStore
 from gateway.stats import TrafficStats
 from gateway.telemetry import BREAKER_CODES, Metrics
+from gateway.tracing import make_tracer
 
 log = logging.getLogger("gateway")
 
@@ -56,8 +57,9 @@ class Gateway:
         self.stats = TrafficStats()
         self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics)
         self.monitor = Monitoring(lambda: self.snapshot, self.metrics)
+        self.tracer, self.tracer_provider = make_tracer(settings.trace_exporter)
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
-                                          self.stats, self.shadow, monitor=self.monitor)
+                                          self.stats, self.shadow, monitor=self.monitor, tracer=self.tracer)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
         self.control = ReleaseControl(lambda: self.snapshot, self.publish, StateStore(settings.state_dir),
                                       self.repository, self._serve_version, settings.state_dir / "events.jsonl",
@@ -117,6 +119,7 @@ class Gateway:
         await self.rollouts.close()
         await self.shadow.close()
         await self.monitor.close()
+        self.tracer_provider.shutdown()
         self.close()
 
     def close(self) -> None:

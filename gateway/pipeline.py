@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from gateway.codec import Answer
 from gateway.errors import (
@@ -67,7 +69,8 @@ class InferencePipeline:
 
     def __init__(self, snapshot: Callable[[], Snapshot], executor: ThreadPoolExecutor,
                  max_queued: int = 256, stats: TrafficStats | None = None, shadow: ShadowMirror | None = None,
-                 draw: Callable[[], float] = random.random, monitor: Monitoring | None = None) -> None:
+                 draw: Callable[[], float] = random.random, monitor: Monitoring | None = None,
+                 tracer: Tracer | None = None) -> None:
         self._snapshot = snapshot
         self._executor = executor
         self._max_queued = max_queued
@@ -75,6 +78,7 @@ class InferencePipeline:
         self._shadow = shadow
         self._draw = draw
         self._monitor = monitor
+        self._tracer = tracer or trace.NoOpTracer()
         self.in_flight = 0
         self.fallbacks: Counter[tuple[str, str]] = Counter()
         self.answered: Counter[str] = Counter()
@@ -87,26 +91,40 @@ class InferencePipeline:
         budget = model.timeout_s if call.timeout_ms is None else min(model.timeout_s, call.timeout_ms / 1000)
         deadline = call.arrived + budget
         request_id = call.request_id if call.request_id is not None else uuid.uuid4().hex
+        tracer = self._tracer
         try:
-            served, route = self._route(model, call)
+            with tracer.start_as_current_span("route") as span:
+                served, route = self._route(model, call)
+                span.set_attribute("gateway.version", served.entry.version)
+                span.set_attribute("gateway.route", route)
         except Unavailable as exc:
             if model.fallback is None:
                 raise
-            batch = model.fallback.validator.validate(call.columns)
-            return self._fallback(model, batch, call.outputs, request_id, exc, call.version or ""), batch
+            with tracer.start_as_current_span("validate"):
+                batch = model.fallback.validator.validate(call.columns)
+            with tracer.start_as_current_span("fallback") as span:
+                span.set_attribute("gateway.fallback_reason", "unavailable")
+                return self._fallback(model, batch, call.outputs, request_id, exc, call.version or ""), batch
 
-        batch = served.validator.validate(call.columns)
+        with tracer.start_as_current_span("validate") as span:
+            batch = served.validator.validate(call.columns)
+            span.set_attribute("gateway.rows", batch.rows)
         wanted = _requested_outputs(served, call.outputs)
         run_outputs = _with_score(served, model, wanted)
         version = served.entry.version
         try:
-            results = await self._guarded_run(served, batch, run_outputs, deadline)
+            with tracer.start_as_current_span("infer") as span:
+                span.set_attribute("gateway.version", version)
+                results = await self._guarded_run(served, batch, run_outputs, deadline)
         except _RECOVERABLE as exc:
             if not isinstance(exc, Overloaded):  # overload is the process's, not the version's, fault
                 self.stats.record(model.name, version, self._elapsed(call), True, model.fallback is not None)
             if model.fallback is None:
                 raise
-            return self._fallback(model, batch, wanted, request_id, exc, version), batch
+            with tracer.start_as_current_span("fallback") as span:
+                answer = self._fallback(model, batch, wanted, request_id, exc, version)
+                span.set_attribute("gateway.fallback_reason", str(answer.parameters["fallback_reason"]))
+            return answer, batch
         if self._monitor is not None:
             self._monitor.observe(model, served, batch, results, request_id)
         answer = self._model_answer(model, served, batch, results, wanted, request_id, route)

@@ -56,5 +56,8 @@ class Settings(BaseSettings):
     """Admin API credentials, e.g. `[{"name": "ci", "role": "operator", "token": "..."}]` (JSON in the
     environment). Roles: viewer (read), operator (switch, rollback, canary, shadow, rollout), admin
     (also load/unload). With none, the admin API answers 401 to everyone."""
+    trace_exporter: Literal["none", "console", "otlp"] = "none"
+    """Where OpenTelemetry spans go: `none` (spans still carry ids, returned in X-Trace-Id), `console`, or
+    `otlp` (needs opentelemetry-exporter-otlp-proto-http; endpoint from OTEL_EXPORTER_OTLP_* variables)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway and uvicorn."""

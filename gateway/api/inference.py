@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
+from opentelemetry.trace import SpanKind
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -19,6 +20,7 @@ from gateway.errors import GatewayError, SchemaViolation
 from gateway.pipeline import InferenceCall
 from gateway.registry import ServedModel
 from gateway.telemetry import UNKNOWN_MODEL
+from gateway.tracing import Span, incoming_context, trace_id
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -58,6 +60,24 @@ def _version_label(model: ServedModel | None, version: str | None) -> str:
 
 async def _serve(request: Request, protocol: str, model: str, version: str | None,
                  decode: Decode, encode: Encode) -> Response:
+    """One span per request (joining the caller's trace), its id in `X-Trace-Id`."""
+    gateway: Gateway = request.app.state.gateway
+    with gateway.tracer.start_as_current_span(f"{protocol} infer", context=incoming_context(request.headers),
+                                              kind=SpanKind.SERVER) as span:
+        span.set_attribute("gateway.model", model)
+        span.set_attribute("gateway.protocol", protocol)
+        response = await _serve_in_span(request, protocol, model, version, decode, encode, span)
+        span.set_attribute("http.response.status_code", response.status_code)
+        for header, attribute in (("x-model-version", "gateway.version"), ("x-route", "gateway.route"),
+                                  ("x-fallback", "gateway.fallback_reason")):
+            if header in response.headers:
+                span.set_attribute(attribute, response.headers[header])
+        response.headers["X-Trace-Id"] = trace_id(span)
+        return response
+
+
+async def _serve_in_span(request: Request, protocol: str, model: str, version: str | None,
+                         decode: Decode, encode: Encode, span: Span) -> Response:
     """Read, decode, run the pipeline, encode; record the outcome of every request once."""
     gateway: Gateway = request.app.state.gateway
     metrics = gateway.metrics
@@ -86,8 +106,9 @@ async def _serve(request: Request, protocol: str, model: str, version: str | Non
                 metrics.validation_failures.labels(label, reason).inc(count)
         headers = {"X-Request-Id": request_id} if request_id else None
         return error_response(exc, headers)
-    except Exception:
+    except Exception as exc:
         metrics.requests.labels(label, version_label, protocol, "error").inc()
+        span.record_exception(exc)
         raise  # the app's handler logs it with the stack and answers 500 JSON
 
     payload, headers, media = encode(answer, decoded)

@@ -1,0 +1,59 @@
+"""OpenTelemetry tracing: one span per request, a child span per stage, the trace id in a header.
+
+The tracer provider belongs to the app (never the global one). Exporters, by setting:
+`none` (spans are still made, so every answer carries a trace id, but nothing is exported),
+`console` (stdout, for development), `otlp` (OTLP over HTTP; needs the optional package
+`opentelemetry-exporter-otlp-proto-http`, endpoint from the standard `OTEL_EXPORTER_OTLP_*`
+variables). Incoming W3C `traceparent` headers are honoured, so the gateway's spans join the
+caller's trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway import __version__
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class TracingUnavailable(Exception):
+    """The chosen exporter cannot be set up (e.g. its package is not installed)."""
+
+
+def make_tracer(exporter: str) -> tuple[Tracer, TracerProvider]:
+    """A tracer whose spans go to `exporter` (none, console or otlp)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "gateway",
+                                                        "service.version": __version__}))
+    if exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    elif exporter == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise TracingUnavailable("GATEWAY_TRACE_EXPORTER=otlp needs the package "
+                                     "opentelemetry-exporter-otlp-proto-http") from None
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider.get_tracer("gateway"), provider
+
+
+def incoming_context(headers: Mapping[str, str]) -> Context:
+    """The caller's trace context from `traceparent` / `tracestate`, if any."""
+    carrier = {k: v for k in ("traceparent", "tracestate") if (v := headers.get(k)) is not None}
+    return _PROPAGATOR.extract(carrier)
+
+
+def trace_id(span: Span) -> str:
+    """The span's trace id as 32 hex digits (what the `X-Trace-Id` header carries)."""
+    return format(span.get_span_context().trace_id, "032x")
+
+
+__all__ = ["Span", "Tracer", "TracingUnavailable", "incoming_context", "make_tracer", "trace", "trace_id"]
