@@ -57,7 +57,7 @@ class Gateway:
         self.stats = TrafficStats()
         self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics)
         self.monitor = Monitoring(lambda: self.snapshot, self.metrics)
-        self.tracer, self.tracer_provider = make_tracer(settings.trace_exporter)
+        self.tracer, self.tracer_provider = make_tracer(settings.trace_exporter, settings.trace_sample_ratio)
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
                                           self.stats, self.shadow, monitor=self.monitor, tracer=self.tracer)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)

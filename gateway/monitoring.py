@@ -25,6 +25,8 @@ from gateway.telemetry import Metrics
 from gateway.validation import ValidatedBatch
 
 log = logging.getLogger("gateway.monitoring")
+FOLD_BATCH = 512  # queued batches folded per numpy pass
+FOLD_DELAY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Monitoring:
         self._minutes: dict[str, tuple[int, int, int]] = {}  # model -> (minute, count, previous count)
         self.feedback = FeedbackStore()
         self.dropped: dict[str, int] = {}
+        metrics.drift_queue_depth.set_function(lambda: sum(q.qsize() for q in self._queues.values()))
 
     # --- request path ------------------------------------------------------------------------
 
@@ -107,16 +110,24 @@ class Monitoring:
 
     async def _fold(self, model: str, queue: asyncio.Queue[_Job]) -> None:
         while True:
-            job = await queue.get()
+            jobs = [await queue.get()]
+            await asyncio.sleep(FOLD_DELAY_S)  # let batches gather: one numpy pass for many requests
+            while len(jobs) < FOLD_BATCH and not queue.empty():
+                jobs.append(queue.get_nowait())
             try:
-                window = self._window(model, job.version)
-                if window is not None:
-                    window.add(job.columns, job.scores)
+                for version in {job.version for job in jobs}:
+                    window = self._window(model, version)
+                    if window is not None:
+                        mine = [job for job in jobs if job.version == version]
+                        window.add(_concat([j.columns for j in mine]),
+                                   None if any(j.scores is None for j in mine)
+                                   else np.concatenate([j.scores for j in mine if j.scores is not None]))
             except Exception:  # a bad batch must not stop monitoring; it is logged and counted
-                log.exception("drift update of %s/%s failed", model, job.version)
-                self._metrics.drift_dropped.labels(model).inc()
+                log.exception("drift update of %s failed", model)
+                self._metrics.drift_dropped.labels(model).inc(len(jobs))
             finally:
-                queue.task_done()
+                for _ in jobs:
+                    queue.task_done()
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -205,6 +216,13 @@ class Monitoring:
         if cached is None or cached[1]["drift"] is None:
             return "insufficient"
         return str(cached[1]["drift"]["state"])
+
+
+def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(batches) == 1:
+        return batches[0]
+    names = set.intersection(*(set(b) for b in batches))
+    return {name: np.concatenate([b[name] for b in batches]) for name in names}
 
 
 def _scores(score: Any, results: dict[str, np.ndarray], rows: int) -> np.ndarray | None:

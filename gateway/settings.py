@@ -59,5 +59,7 @@ class Settings(BaseSettings):
     trace_exporter: Literal["none", "console", "otlp"] = "none"
     """Where OpenTelemetry spans go: `none` (spans still carry ids, returned in X-Trace-Id), `console`, or
     `otlp` (needs opentelemetry-exporter-otlp-proto-http; endpoint from OTEL_EXPORTER_OTLP_* variables)."""
+    trace_sample_ratio: float | None = Field(default=None, ge=0, le=1)
+    """Share of requests whose spans are recorded (default: 0 with exporter `none`, 1 otherwise)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway and uvicorn."""

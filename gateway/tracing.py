@@ -17,6 +17,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -29,10 +30,16 @@ class TracingUnavailable(Exception):
     """The chosen exporter cannot be set up (e.g. its package is not installed)."""
 
 
-def make_tracer(exporter: str) -> tuple[Tracer, TracerProvider]:
-    """A tracer whose spans go to `exporter` (none, console or otlp)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": "gateway",
-                                                        "service.version": __version__}))
+def make_tracer(exporter: str, sample_ratio: float | None = None) -> tuple[Tracer, TracerProvider]:
+    """A tracer whose spans go to `exporter` (none, console or otlp).
+
+    Unsampled spans cost almost nothing but still carry a trace id; by default nothing is sampled
+    when nothing is exported, and everything is when something is (unless the caller's
+    `traceparent` decided otherwise: the sampler follows the parent).
+    """
+    ratio = sample_ratio if sample_ratio is not None else (0.0 if exporter == "none" else 1.0)
+    provider = TracerProvider(resource=Resource.create({"service.name": "gateway", "service.version": __version__}),
+                              sampler=ParentBased(TraceIdRatioBased(ratio)))
     if exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     elif exporter == "otlp":
