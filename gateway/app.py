@@ -99,9 +99,11 @@ class Gateway:
             m.model_ready.labels(model.name).set(1 if model.ready else 0)
             for version in model.versions:
                 m.version_ready.labels(model.name, version).set(1 if version in model.served else 0)
+                if version not in model.served:
+                    m.forget_version(model.name, version)
             for version, served in model.served.items():
                 m.breaker_state.labels(model.name, version).set(BREAKER_CODES[served.breaker.state])
-            m.canary_percent.labels(model.name).set(model.aliases.canary_percent if model.aliases.canary else 0)
+            m.canary_ratio.labels(model.name).set(model.aliases.canary_percent / 100 if model.aliases.canary else 0)
         m.policy_problems.set(len(snapshot.policy_problems))
 
     def report(self) -> None:

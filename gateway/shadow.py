@@ -103,6 +103,7 @@ class ShadowMirror:
         disagreements, diffs = compare(job.primary, outputs, served.entry.card.score if served.entry.card else None)
         self._stats.record_shadow(job.model, job.version, batch.rows, disagreements, diffs)
         self._metrics.shadow.labels(job.model, job.version, "compared").inc()
+        self._metrics.shadow_rows.labels(job.model, job.version).inc(batch.rows)
         self._metrics.shadow_disagreements.labels(job.model, job.version).inc(disagreements)
         for diff in diffs:
             self._metrics.shadow_score_diff.labels(job.model, job.version).observe(float(diff))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -22,8 +24,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "gateway_requests", "Inference requests by model, version, protocol and outcome.",
-            ["model", "version", "protocol", "outcome"], registry=self.registry)
+            "gateway_requests", "Inference requests by model, attempted version, route, protocol and outcome.",
+            ["model", "version", "route", "protocol", "outcome"], registry=self.registry)
         self.latency = Histogram(
             "gateway_request_duration_seconds", "Inference request latency, from body read to answer.",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -39,7 +41,7 @@ class Metrics:
         self.fallbacks = Counter(
             "gateway_fallbacks",
             "Answers given wholly (or for some rows: low_confidence) by the fallback rules, by reason.",
-            ["model", "reason"], registry=self.registry)
+            ["model", "version", "reason"], registry=self.registry)
         self.breaker_state = Gauge(
             "gateway_breaker_state", "Circuit breaker state per version: 0 closed, 1 half-open, 2 open.",
             ["model", "version"], registry=self.registry)
@@ -52,6 +54,9 @@ class Metrics:
         self.shadow = Counter(
             "gateway_shadow_requests", "Mirrored requests by outcome (compared, dropped: queue full, failed).",
             ["model", "version", "outcome"], registry=self.registry)
+        self.shadow_rows = Counter(
+            "gateway_shadow_compared_rows", "Rows compared between the shadow and the primary.",
+            ["model", "version"], registry=self.registry)
         self.shadow_disagreements = Counter(
             "gateway_shadow_disagreements", "Rows where the shadow's discrete outputs (labels) differed.",
             ["model", "version"], registry=self.registry)
@@ -62,8 +67,8 @@ class Metrics:
         self.alias_changes = Counter(
             "gateway_alias_changes", "Changes of the alias table by action (switch, rollback, canary, ...).",
             ["model", "action"], registry=self.registry)
-        self.canary_percent = Gauge(
-            "gateway_canary_percent", "Share of unversioned traffic routed to the canary.",
+        self.canary_ratio = Gauge(
+            "gateway_canary_ratio", "Share (0-1) of unversioned traffic routed to the canary.",
             ["model"], registry=self.registry)
         self.rollout_decisions = Counter(
             "gateway_rollout_decisions", "Rollout decisions (advance, extend, promote, rollback, pause, abort).",
@@ -98,7 +103,7 @@ class Metrics:
             "gateway_feedback_unmatched", "Feedback whose request id was unknown or had expired.",
             ["model", "reason"], registry=self.registry)
         self.outcome_metric = Gauge(
-            "gateway_outcome", "Online quality from delayed labels (metric: accuracy, auc, brier).",
+            "gateway_outcome_quality", "Online quality from delayed labels (metric: accuracy, auc, brier).",
             ["model", "version", "metric"], registry=self.registry)
         self.outcome_state = Gauge(
             "gateway_outcome_state", "Outcome state: -1 insufficient labels, 0 ok, 2 alert.", ["model", "version"],
@@ -120,6 +125,15 @@ class Metrics:
         model, _, version = name.rpartition("/")
         self.breaker_state.labels(model, version).set(BREAKER_CODES.get(new, -1))
         self.breaker_transitions.labels(model, version, new).inc()
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Stop exporting per-version series of a version that no longer serves (no stale alerts)."""
+        for family in (self.breaker_state, self.prediction_null_ratio, self.drift_window_rows, self.outcome_state):
+            with contextlib.suppress(KeyError):
+                family.remove(model, version)
+        for family in (self.drift_state, self.drift_score, self.outcome_metric):
+            for labels in [key for key in list(family._metrics) if key[:2] == (model, version)]:
+                family.remove(*labels)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -332,7 +332,8 @@ MUTATIONS = [
     ("GatewayFallbackRateHigh", "expr", "> 0.05", "> 0.2", "10 % is over the threshold"),
     ("GatewayFallbackRateHigh", "for", None, "5m", "it must wait 10 minutes"),
     ("GatewayP99OverSLO", "expr", "0.99", "0.5", "the p99, not the median"),
-    ("GatewayShadowDisagreementHigh", "expr", '{outcome="compared"}', "", "only compared mirrors count"),
+    ("GatewayShadowDisagreementHigh", "expr", "gateway_shadow_compared_rows_total", "gateway_shadow_requests_total",
+     "disagreements are divided by compared rows"),
     ("GatewayShadowDropping", "expr", "> 0", ">= 0", "a flat dropped counter is not dropping"),
     ("GatewayOutcomeAlert", "expr", "== 2", "!= 0", "insufficient labels (-1) are not an alert"),
     ("GatewayAuditBacklog", "expr", "> 1000", ">= 1000", "exactly 1000 is not over the threshold"),
@@ -426,8 +427,8 @@ def test_dashboard_covers_the_operator_questions() -> None:
     used = set().union(*(metric_names(expr) for expr in dashboard_expressions(dashboard())))
     required = {
         "gateway_requests_total", "gateway_request_duration_seconds_bucket", "gateway_fallbacks_total",
-        "gateway_breaker_state", "gateway_canary_percent", "gateway_shadow_disagreements_total",
-        "gateway_shadow_requests_total", "gateway_drift_state", "gateway_drift_score", "gateway_outcome",
+        "gateway_breaker_state", "gateway_canary_ratio", "gateway_shadow_disagreements_total",
+        "gateway_shadow_compared_rows_total", "gateway_drift_state", "gateway_drift_score", "gateway_outcome_quality",
         "gateway_inferences_in_flight", "gateway_shadow_queue_depth", "gateway_drift_queue_depth",
         "gateway_requests_per_minute",
     }

@@ -100,14 +100,14 @@ async def _serve_in_span(request: Request, protocol: str, model: str, version: s
         answer, batch = await gateway.pipeline.infer(call)
     except GatewayError as exc:
         _, outcome = status_of(exc)
-        metrics.requests.labels(label, version_label, protocol, outcome).inc()
+        metrics.requests.labels(label, version_label, "pinned" if version else "", protocol, outcome).inc()
         if isinstance(exc, SchemaViolation) and label != UNKNOWN_MODEL:
             for reason, count in exc.violations.by_reason.items():
                 metrics.validation_failures.labels(label, reason).inc(count)
         headers = {"X-Request-Id": request_id} if request_id else None
         return error_response(exc, headers)
     except Exception as exc:
-        metrics.requests.labels(label, version_label, protocol, "error").inc()
+        metrics.requests.labels(label, version_label, "pinned" if version else "", protocol, "error").inc()
         span.record_exception(exc)
         raise  # the app's handler logs it with the stack and answers 500 JSON
 
@@ -115,15 +115,17 @@ async def _serve_in_span(request: Request, protocol: str, model: str, version: s
     headers["X-Model-Version"] = answer.version
     if _HEADER_SAFE.fullmatch(answer.request_id):  # the body always echoes it; headers only if it is safe
         headers["X-Request-Id"] = answer.request_id
-    headers["X-Route"] = str(answer.parameters["route"])
+    headers["X-Route"] = str(answer.parameters["route"])  # stable, canary, pinned or fallback
+    route = str(answer.parameters["route"])
+    attempted = str(answer.parameters.get("attempted_version", answer.version))  # a fallback names what it stood in for
     fallback_reason = answer.parameters.get("fallback_reason")
     if fallback_reason is not None:
         headers["X-Fallback"] = str(fallback_reason)
-        metrics.fallbacks.labels(label, str(fallback_reason)).inc()
+        metrics.fallbacks.labels(label, attempted, str(fallback_reason)).inc()
     outcome = "fallback" if answer.parameters.get("fallback") else "ok"
-    metrics.requests.labels(label, answer.version, protocol, outcome).inc()
-    metrics.latency.labels(label, answer.version).observe(time.perf_counter() - started)
-    metrics.rows.labels(label, answer.version).inc(answer.rows)
+    metrics.requests.labels(label, attempted, route, protocol, outcome).inc()
+    metrics.latency.labels(label, attempted).observe(time.perf_counter() - started)
+    metrics.rows.labels(label, attempted).inc(answer.rows)
     if batch.ignored_fields:
         metrics.ignored_fields.labels(label).inc(len(batch.ignored_fields))
     return Response(payload, media_type=media, headers=headers)
