@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck models schema clean
+.PHONY: run test tools lint typecheck models schema clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
@@ -25,7 +25,16 @@ $(VENV)/.dev: $(VENV)/.runtime
 run: $(VENV)/.runtime
 	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --models models --policies policies
 
-test: $(VENV)/.dev
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules; installed when
+# this machine allows it (root + apt-get), else those tests are skipped with a note.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+	      || echo "note: could not install promtool; alert-rule tests will be skipped"; \
+	  else echo "note: promtool not installed (apt-get install prometheus); alert-rule tests will be skipped"; fi; }
+
+test: $(VENV)/.dev tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy gateway
 	$(BIN)/python -m pytest -q

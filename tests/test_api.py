@@ -54,8 +54,8 @@ def test_metrics_count_outcomes_rows_and_ignored_fields(client: TestClient) -> N
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta("gateway_requests_total", model=MODEL, version="1", protocol="v1", outcome="ok") == 1
-    assert delta("gateway_requests_total", model=MODEL, version="", protocol="v1", outcome="invalid") == 1
+    assert delta("gateway_requests_total", model=MODEL, version="1", route="stable", protocol="v1", outcome="ok") == 1
+    assert delta("gateway_requests_total", model=MODEL, version="", route="", protocol="v1", outcome="invalid") == 1
     assert delta("gateway_inference_rows_total", model=MODEL, version="1") == 2
     assert delta("gateway_ignored_fields_total", model=MODEL) == 2
     assert delta("gateway_validation_failures_total", model=MODEL, reason="range") == 1

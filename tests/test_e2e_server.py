@@ -113,8 +113,9 @@ def scrape(http: httpx.Client) -> Samples:
 
 
 def sample(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value (0 when the series does not exist yet)."""
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum over the series of `name` that carry `labels` (0 when none exists yet)."""
+    wanted = set(labels.items())
+    return sum(value for (found, series), value in samples.items() if found == name and wanted <= set(series))
 
 
 # ---------------------------------------------------------------- health and metadata
