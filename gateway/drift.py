@@ -77,7 +77,7 @@ def upper_gamma_regularized(a: float, x: float) -> float:
     if x < a + 1:  # series for P(a, x)
         term = total = 1.0 / a
         ap = a
-        for _ in range(10_000):
+        for _ in range(10_000 + int(10 * math.sqrt(a))):
             ap += 1
             term *= x / ap
             total += term
@@ -89,7 +89,7 @@ def upper_gamma_regularized(a: float, x: float) -> float:
     c = 1 / tiny
     d = 1 / b
     h = d
-    for i in range(1, 10_000):
+    for i in range(1, 10_000 + int(10 * math.sqrt(a))):
         an = -i * (i - a)
         b += 2
         d = an * d + b
@@ -184,8 +184,11 @@ class _Histogram:
         present = int(counts.sum())
         rows = present + int(self.missing.sum())
         out: dict[str, Any] = {"kind": "numeric" if self.numeric else "categorical", "rows": rows}
-        if rows < policy.min_rows or present == 0:
+        if rows < policy.min_rows:
             return {**out, "state": "insufficient", "scores": None}
+        if present == 0:  # every value missing: no distribution to score, and the worst missing-value drift
+            return {**out, "state": "alert", "scores": None, "reasons": ["every value is missing"],
+                    "missing_rate": 1.0}
         actual = counts / present
         scores: dict[str, float] = {"psi": round(psi(self.expected, actual), 6),
                                     "js": round(js(self.expected, actual), 6)}
@@ -196,6 +199,7 @@ class _Histogram:
         missing_rate = float(self.missing.sum()) / rows
         odd_rate = float(self.odd.sum()) / max(present, 1)
         state, reasons = _judge(rule, scores)
+        decided_by = rule.metric if rule.metric in scores else "psi"
         if missing_rate - self.ref_missing > policy.missing_rate_alert:
             state, reasons = "alert", [*reasons, f"missing rate {missing_rate:.3f} vs {self.ref_missing:.3f} "
                                                  "in the reference"]
@@ -203,7 +207,7 @@ class _Histogram:
             what = "out-of-range" if self.numeric else "unseen-category"
             state, reasons = "alert", [*reasons, f"{what} rate {odd_rate:.3f}"]
         label = "out_of_range_rate" if self.numeric else "unseen_rate"
-        return {**out, "state": state, "scores": scores, "decided_by": rule.metric, "reasons": reasons,
+        return {**out, "state": state, "scores": scores, "decided_by": decided_by, "reasons": reasons,
                 "missing_rate": round(missing_rate, 6), label: round(odd_rate, 6)}
 
 

@@ -82,7 +82,7 @@ class FeedbackStore:
                 continue
             prediction = recent[request_id]
             if (not isinstance(labels, list) or len(labels) != len(prediction.scores)
-                    or any(label not in (0, 1) or isinstance(label, float) for label in labels)):
+                    or any(label not in (0, 1) or isinstance(label, (float, bool)) for label in labels)):
                 invalid.append({"index": i, "id": request_id,
                                 "error": f"expected {len(prediction.scores)} label(s), each 0 or 1"})
                 continue

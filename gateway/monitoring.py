@@ -2,7 +2,8 @@
 
 The request path only calls `observe` (a dict of column references and a non-blocking put on a
 bounded per-model queue) and `count`. A worker per model folds batches into the drift windows;
-one refresher recomputes reports every `drift.score_every_s` and updates the Prometheus gauges.
+a refresher looks twice a second and recomputes each version's report once it is older than
+`drift.score_every_s`, updating the Prometheus gauges.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Monitoring:
         self._minutes: dict[str, tuple[int, int, int]] = {}  # model -> (minute, count, previous count)
         self.feedback = FeedbackStore()
         self.dropped: dict[str, int] = {}
+        self._first_full_minute = int(clock() // 60) + 1  # the minute we started in was only partly seen
         metrics.drift_queue_depth.set_function(lambda: sum(q.qsize() for q in self._queues.values()))
 
     # --- request path ------------------------------------------------------------------------
@@ -58,7 +60,7 @@ class Monitoring:
     def count(self, model: str) -> None:
         """Count one request towards the per-minute volume."""
         minute = int(self._clock() // 60)
-        current, count, previous = self._minutes.get(model, (minute, 0, -1))
+        current, count, previous = self._minutes.get(model, (minute, 0, 0))
         if minute != current:
             previous = count if minute == current + 1 else 0
             current, count = minute, 0
@@ -197,17 +199,19 @@ class Monitoring:
 
     def _volume(self, model: str, policy: Policy) -> dict[str, Any]:
         minute = int(self._clock() // 60)
-        current, count, previous = self._minutes.get(model, (minute, 0, -1))
-        last = previous if current == minute else (count if current == minute - 1 else 0)
+        current, count, previous = self._minutes.get(model, (minute, 0, 0))
+        # no request since `current`: the last full minute saw `count` if it was `current`, else none
+        last = previous if current == minute else count if current == minute - 1 else 0
+        observed = minute - 1 >= self._first_full_minute  # a whole minute has been watched
         band = policy.drift.volume
-        if last < 0 or (band.min_per_minute is None and band.max_per_minute is None):
-            state = "insufficient" if last < 0 else "ok"
+        if not observed:
+            state = "insufficient"
         elif (band.min_per_minute is not None and last < band.min_per_minute) or (
                 band.max_per_minute is not None and last > band.max_per_minute):
             state = "anomaly"
         else:
             state = "ok"
-        return {"last_minute": None if last < 0 else last, "this_minute": count if current == minute else 0,
+        return {"last_minute": last if observed else None, "this_minute": count if current == minute else 0,
                 "band": [band.min_per_minute, band.max_per_minute], "state": state}
 
     def drift_state(self, model: str, version: str) -> str:

@@ -374,6 +374,19 @@ class Drift(_Policy):
     volume: Volume = Volume()
     """Expected request volume."""
 
+    @model_validator(mode="after")
+    def _fits(self) -> Drift:
+        if self.window % self.sub_windows:
+            raise ValueError(f"window ({self.window}) must be a multiple of sub_windows ({self.sub_windows})")
+        if self.min_rows > self.window:
+            raise ValueError(f"min_rows ({self.min_rows}) is more than the window holds ({self.window})")
+        for kind, rule in (("numeric", self.numeric), ("prediction", self.prediction)):
+            if rule.metric == "chi2_p":
+                raise ValueError(f"drift.{kind}.metric: chi2_p is for categorical features")
+        if self.categorical.metric == "ks":
+            raise ValueError("drift.categorical.metric: ks is for numeric features")
+        return self
+
 
 class Feedback(_Policy):
     """Delayed true labels, joined to predictions by request id."""

@@ -220,8 +220,6 @@ def test_upper_gamma_regularized_at_zero_and_below() -> None:
     assert upper_gamma_regularized(2.0, -3.0) == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: upper_gamma_regularized's series stops after 10,000 terms, "
-                                       "so Q(a, x) is off by ~1e-3 for a >= 1e7 near x = a")
 def test_upper_gamma_regularized_for_very_large_a() -> None:
     a = 1e7
     for x in (a - 1, a, a + 0.5):
@@ -379,6 +377,17 @@ def test_missing_values_are_counted_as_missing_not_as_bins() -> None:
     assert int(h.counts.sum()) == 50 and int(h.missing.sum()) == 50
 
 
+def test_odd_rates_are_shares_of_the_present_values() -> None:
+    window = window_of(Drift(window=1000, sub_windows=10, min_rows=10))
+    numbers = np.array([np.nan] * 50 + [99.0] * 10 + [5.0] * 40)  # 99 is above the reference max (40.7)
+    words = np.array([""] * 50 + ["astronaut"] * 10 + ["salaried"] * 40, dtype=object)
+    window.add({"credit_history_years": numbers, "employment": words}, None)
+    report = window.report()["features"]
+    assert report["credit_history_years"]["out_of_range_rate"] == pytest.approx(0.2)
+    assert report["employment"]["unseen_rate"] == pytest.approx(0.2)
+    assert report["credit_history_years"]["missing_rate"] == report["employment"]["missing_rate"] == 0.5
+
+
 def test_missing_rate_alerts_only_above_the_reference_by_the_threshold() -> None:
     """credit_history_years is missing in ~3 % of the reference; alert above ref + missing_rate_alert."""
     spec = card_profile().features["credit_history_years"]
@@ -401,8 +410,6 @@ def test_missing_rate_alerts_only_above_the_reference_by_the_threshold() -> None
     assert any("missing rate" in r for r in above["reasons"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a feature whose window is entirely missing (present == 0) is "
-                                       "reported `insufficient` instead of alerting on its missing rate")
 def test_a_feature_that_goes_entirely_missing_alerts() -> None:
     window = window_of(Drift(window=100, sub_windows=10, min_rows=10))
     window.add({"credit_history_years": column(np.nan, 100), "income": column(60_000.0, 100)}, None)
@@ -490,6 +497,24 @@ def test_overall_state_and_top_drifting() -> None:
     assert all(f["state"] == "ok" for n, f in report["features"].items() if n != "loan_amount")
 
 
+def test_top_drifting_ranks_by_state_before_psi() -> None:
+    """An alert from the out-of-range rate outranks a warn with a larger PSI."""
+    policy = Drift(window=2000, sub_windows=10, min_rows=100, unseen_rate_alert=0.05,
+                   numeric=DriftRule(warn=0.1, alert=100))  # psi alone can only warn
+    data = heldout().iloc[:2000]
+    age = data["age"].to_numpy(dtype=float).copy()
+    age[:120] = 86.0  # 6 % above the reference max (85): alert, with a small psi
+    window = window_of(policy)
+    window.add({"age": age, "income": data["income"].to_numpy(dtype=float) * 2.5,
+                "loan_amount": data["loan_amount"].to_numpy(dtype=float)}, None)
+    report = window.report()
+    features = report["features"]
+    assert features["age"]["state"] == "alert" and features["income"]["state"] == "warn"
+    assert features["age"]["scores"]["psi"] < features["income"]["scores"]["psi"]
+    assert [e["feature"] for e in report["top_drifting"]] == ["age", "income", "loan_amount"]
+    assert [e["state"] for e in report["top_drifting"]] == ["alert", "warn", "ok"]
+
+
 # ---------------------------------------------------------------- rules and thresholds
 
 
@@ -569,36 +594,46 @@ def test_drift_rule_thresholds_must_be_ordered() -> None:
     assert DriftRule().metric == "psi" and (DriftRule().warn, DriftRule().alert) == (0.1, 0.25)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a rule whose metric the feature kind lacks (ks on a category) "
-                                       "is judged by psi while `decided_by` names the missing metric")
-def test_decided_by_names_a_score_the_report_has() -> None:
-    report = categorical_report(DriftRule(metric="ks", warn=0.1, alert=0.25), (500, 300, 200))
-    assert report["decided_by"] in report["scores"]
+@pytest.mark.parametrize(("kind", "metric", "warn", "alert"), [
+    ("categorical", "ks", 0.1, 0.25),
+    ("numeric", "chi2_p", 0.05, 0.01),
+    ("prediction", "chi2_p", 0.05, 0.01),
+])
+def test_a_metric_the_kind_lacks_is_refused_or_honoured(kind: str, metric: str, warn: float, alert: float) -> None:
+    """ks is numeric only, chi2_p categorical only: such a rule is refused, or judged by what the report says.
 
-
-@pytest.mark.xfail(strict=True, reason="bug: numeric rule `chi2_p` is accepted, then psi is judged against "
-                                       "p-value thresholds: in-distribution data alerts")
-def test_a_p_value_rule_on_a_numeric_feature_is_refused_or_honoured() -> None:
+    (At b90c275 it was accepted, then psi was judged against the other metric's thresholds
+    and `decided_by` named a score the report did not have: held-out data alerted.)
+    """
+    rule = DriftRule.model_validate({"metric": metric, "warn": warn, "alert": alert})
     try:
-        policy = Drift(window=2000, sub_windows=10, min_rows=100,
-                       numeric=DriftRule(metric="chi2_p", warn=0.05, alert=0.01))
+        policy = Drift.model_validate({"window": 2000, "sub_windows": 10, "min_rows": 100, kind: rule.model_dump()})
     except ValidationError:
-        return  # refusing the policy is a fix too
+        return  # refused at load: the fix in the working tree
     window = window_of(policy)
-    window.add({"income": heldout()["income"].to_numpy(dtype=float)[:2000]}, None)
-    report = window.report()["features"]["income"]
-    assert report["scores"]["psi"] < 0.1  # the held-out data does not drift
-    assert report["state"] == "ok"
+    data = heldout().iloc[:2000]
+    window.add({"income": data["income"].to_numpy(dtype=float), "purpose": data["purpose"].to_numpy(dtype=object)},
+               np.linspace(0.01, 0.6, 2000))
+    report = window.report()
+    entry = report["prediction"] if kind == "prediction" else report["features"]["purpose" if kind == "categorical"
+                                                                               else "income"]
+    assert entry["decided_by"] in entry["scores"]
+    if kind != "prediction":
+        assert entry["scores"]["psi"] < 0.1 and entry["state"] == "ok"  # the held-out data does not drift
 
 
-@pytest.mark.xfail(strict=True, reason="bug: sub-window capacity is window // sub_windows (rounded down, "
-                                       "at least 1), so the window holds fewer or more rows than `window`")
-@pytest.mark.parametrize(("size", "pieces"), [(15, 10), (10, 1000)])
-def test_window_holds_window_rows_when_not_divisible(size: int, pieces: int) -> None:
+@pytest.mark.parametrize(("size", "pieces", "min_rows"), [(15, 10, 15), (10, 1000, 10), (2005, 10, 2001),
+                                                          (100, 10, 500)])
+def test_a_window_that_cannot_hold_its_rows_is_refused_or_exact(size: int, pieces: int, min_rows: int) -> None:
+    """Sub-windows must hold exactly `window` rows, and `min_rows` must fit in the window.
+
+    (At b90c275 a capacity of window // sub_windows held 10 of 15 rows, or 1000 rows of a
+    10-row window, and min_rows > window left the state `insufficient` forever.)
+    """
     try:
-        policy = Drift(window=size, sub_windows=pieces, min_rows=size)
+        policy = Drift(window=size, sub_windows=pieces, min_rows=min_rows)
     except ValidationError:
-        return  # refusing windows that sub-windows cannot hold exactly is a fix too
+        return  # refused at load: the fix in the working tree
     window = window_of(policy)
     window.add({"income": column(60_000.0, size)}, None)
     assert window.report()["window"]["rows"] == size  # nothing aged out before the window is full
