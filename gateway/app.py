@@ -20,6 +20,7 @@ from gateway.api import monitoring as monitoring_api
 from gateway.api import repository as repository_api
 from gateway.api.auth import TokenBook
 from gateway.api.errors import json_response
+from gateway.audit import AuditWriter, Redactor
 from gateway.control import ReleaseControl
 from gateway.faults import FaultInjector
 from gateway.monitoring import Monitoring
@@ -68,13 +69,32 @@ class Gateway:
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
                                           drift_state=self.monitor.drift_state)
         self.tokens = TokenBook(settings.admin_tokens)
+        self.audit = AuditWriter(settings.audit_dir, settings.audit_queue, settings.audit_fsync,
+                                 settings.audit_fsync_interval_s, settings.audit_max_file_bytes,
+                                 settings.audit_max_file_age_s)
+        self.audit.on_written = lambda n: self.metrics.audit_records.labels("written").inc(n)
+        self.metrics.audit_backlog.set_function(lambda: self.audit.backlog)
+        self.control.on_record = self.audit.offer
+        self._redactors: dict[tuple[str, str], Redactor] = {}
+
+    def redactor(self, model: str) -> Redactor:
+        """The redaction of a model's audit records (compiled once per policy)."""
+        served = self.snapshot.models.get(model)
+        policy = served.policy if served is not None else None
+        key = (model, policy.sha256 if policy else "")
+        found = self._redactors.get(key)
+        if found is None:
+            rules = policy.policy.audit.redact if policy else {}
+            found = self._redactors[key] = Redactor(dict(rules), self.settings.audit_hmac_key)
+        return found
 
     async def load(self) -> None:
         """Load every model version and policy off the event loop, then publish the snapshot."""
+        await self.audit.start()
         snapshot = await asyncio.to_thread(
             build_snapshot, self.repository, self.settings.policies_dir, self.settings.max_listed_violations,
             self.breakers, self.settings.allow_fault_injection)
-        self.publish(await asyncio.to_thread(self.control.reconcile, snapshot))
+        self.publish(self.control.reconcile(snapshot))  # on the loop: it may hand decisions to the audit log
         self.rollouts.resume_all()
         self.monitor.start()
 
@@ -121,12 +141,14 @@ class Gateway:
         await self.rollouts.close()
         await self.shadow.close()
         await self.monitor.close()
+        await self.audit.close()
         self.tracer_provider.shutdown()
         self.close()
 
     def close(self) -> None:
-        """Stop the worker threads (after in-flight runs finish)."""
+        """Stop the worker threads (after in-flight runs finish) and close the audit file."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.audit.close_now()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -71,6 +71,8 @@ class ReleaseControl:
         self.lock = asyncio.Lock()
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.rollouts: dict[str, RolloutState | None] = {}
+        self.on_record: Callable[[dict[str, Any]], None] | None = None
+        """Also hands every decision to the audit log."""
 
     def current(self) -> Snapshot:
         """The snapshot being served now."""
@@ -279,6 +281,8 @@ class ReleaseControl:
         event = {"time": self._clock(), "actor": actor, "model": model, "action": action, "before": before,
                  "after": after, "reason": reason, **(timing or {})}
         self.events.append(event)
+        if self.on_record is not None:
+            self.on_record({"kind": "control", **event})
         log.info("control %s by %s on %s: %s -> %s %s", action, actor, model, before, after, reason)
         if self._events_file is not None:
             try:

@@ -405,6 +405,19 @@ class Feedback(_Policy):
     """Online Brier score above this: alert."""
 
 
+class Audit(_Policy):
+    """What the tamper-evident audit log records for this model, and what happens when it falls behind."""
+
+    enabled: bool = True
+    """Write a record per answered request (model, fallback and shadow answers)."""
+    redact: dict[str, Literal["drop", "mask", "hash"]] = {}
+    """Per request field: `drop` (left out), `mask` (kept as `***`), `hash` (HMAC-SHA256 with the
+    server's GATEWAY_AUDIT_HMAC_KEY: equal values stay joinable without being readable)."""
+    on_full: Literal["block", "reject", "drop"] = "block"
+    """When the writer's queue is full: `block` (the request waits: backpressure), `reject` (503 to
+    the client, nothing answered unrecorded), or `drop` (answered, the record is dropped and counted)."""
+
+
 class Policy(_Policy):
     """Everything the gateway enforces for one model."""
 
@@ -430,6 +443,8 @@ class Policy(_Policy):
     """Online drift monitoring."""
     feedback: Feedback = Feedback()
     """Outcome monitoring from delayed labels."""
+    audit: Audit = Audit()
+    """Audit log records and redaction."""
 
     def rule_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Fallback conditions naming unknown features or comparing unlike kinds, with their paths."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from gateway.policy import (
+    Audit,
     Breaker,
     Canary,
     Drift,
@@ -58,6 +59,7 @@ POLICY_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("drift.numeric / categorical / prediction", DriftRule),
     ("drift.volume", Volume),
     ("feedback", Feedback),
+    ("audit", Audit),
 ]
 
 

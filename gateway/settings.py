@@ -56,6 +56,20 @@ class Settings(BaseSettings):
     """Admin API credentials, e.g. `[{"name": "ci", "role": "operator", "token": "..."}]` (JSON in the
     environment). Roles: viewer (read), operator (switch, rollback, canary, shadow, rollout), admin
     (also load/unload). With none, the admin API answers 401 to everyone."""
+    audit_dir: Path = Path("audit")
+    """Directory of the hash-chained audit log (JSON Lines files)."""
+    audit_queue: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Records waiting for the writer; when full, each model's `audit.on_full` decides."""
+    audit_fsync: Literal["batch", "interval"] = "batch"
+    """fsync after every written batch, or at most every `audit_fsync_interval_s`."""
+    audit_fsync_interval_s: float = Field(default=1.0, gt=0, le=60)
+    """With `audit_fsync: interval`: the longest a written record waits for its fsync."""
+    audit_max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Rotate to a new file beyond this size."""
+    audit_max_file_age_s: float = Field(default=3600.0, gt=0)
+    """Rotate to a new file after this long."""
+    audit_hmac_key: str | None = Field(default=None, min_length=16, repr=False)
+    """Secret for `hash` redaction; without it, fields to hash are dropped instead (never written)."""
     trace_exporter: Literal["none", "console", "otlp"] = "none"
     """Where OpenTelemetry spans go: `none` (spans still carry ids, returned in X-Trace-Id), `console`, or
     `otlp` (needs opentelemetry-exporter-otlp-proto-http; endpoint from OTEL_EXPORTER_OTLP_* variables)."""

@@ -111,6 +111,11 @@ class Metrics:
         self.shadow_queue_depth = Gauge(
             "gateway_shadow_queue_depth", "Mirrored requests waiting for the shadow.", ["model"],
             registry=self.registry)
+        self.audit_backlog = Gauge(
+            "gateway_audit_backlog", "Audit records waiting to be written.", registry=self.registry)
+        self.audit_records = Counter(
+            "gateway_audit_records", "Audit records by outcome (written, dropped, rejected).",
+            ["outcome"], registry=self.registry)
         self.version_ready = Gauge(
             "gateway_model_version_ready", "1 when a model version is loaded and serving, else 0.",
             ["model", "version"], registry=self.registry)

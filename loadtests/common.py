@@ -47,7 +47,8 @@ def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
     """`gateway serve` on a free port with a throw-away state directory; yields its URL."""
     port = free_port()
     state = tempfile.mkdtemp(prefix="loadtest-state-")
-    env = {**os.environ, "GATEWAY_STATE_DIR": state, "GATEWAY_LOG_LEVEL": "warning",
+    env = {**os.environ, "GATEWAY_STATE_DIR": state, "GATEWAY_AUDIT_DIR": state + "-audit",
+           "GATEWAY_LOG_LEVEL": "warning",
            "GATEWAY_ADMIN_TOKENS": json.dumps([{"name": "loadtest", "role": "admin", "token": token}]),
            **(extra_env or {})}
     command = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--models", str(ROOT / "models"),

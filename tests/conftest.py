@@ -48,7 +48,8 @@ class RunningServer:
             [sys.executable, "-m", "gateway", "serve", "--port", str(self.port),
              "--models", str(models), "--policies", str(policies), "--log-level", "info"],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "GATEWAY_STATE_DIR": str(self.state), **(env or {})},
+            env={**os.environ, "GATEWAY_STATE_DIR": str(self.state),
+                 "GATEWAY_AUDIT_DIR": str(self.state.parent / f"{self.state.name}-audit"), **(env or {})},
         )
 
     def wait_live(self, timeout: float = 60.0) -> None:
@@ -122,6 +123,7 @@ def repo_copy(tmp_path: Path) -> tuple[Path, Path]:
 def make_client(models: Path = MODELS, policies: Path = POLICIES, **settings: Any) -> TestClient:
     """An in-process client (lifespan runs on enter) for an app over the given repository."""
     settings.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="gateway-state-")))
+    settings.setdefault("audit_dir", Path(tempfile.mkdtemp(prefix="gateway-audit-")))
     return TestClient(create_app(Settings(models_dir=models, policies_dir=policies, **settings)))
 
 

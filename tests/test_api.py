@@ -107,7 +107,8 @@ def test_a_slow_inference_does_not_block_other_requests() -> None:
 
     async def scenario() -> None:
         app = create_app(Settings(models_dir=Path("models"), policies_dir=Path("policies"),
-                                  state_dir=Path(tempfile.mkdtemp(prefix="gateway-state-"))))
+                                  state_dir=Path(tempfile.mkdtemp(prefix="gateway-state-")),
+                                  audit_dir=Path(tempfile.mkdtemp(prefix="gateway-audit-"))))
         gateway = app.state.gateway
         await gateway.load()
         model = gateway.snapshot.model(MODEL).resolve(None).entry.model

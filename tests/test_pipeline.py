@@ -80,7 +80,7 @@ def _held_app(repo_copy: tuple[Path, Path], **settings: Any) -> tuple[Any, threa
     """An app whose version-1 runs block until released (an injected hang), plus its two events."""
     models, policies = repo_copy
     app = create_app(Settings(models_dir=models, policies_dir=policies, state_dir=policies.parent / "state",
-                              **settings))
+                              audit_dir=policies.parent / "audit", **settings))
     return app, threading.Event(), threading.Event()
 
 

@@ -6,8 +6,9 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from fastapi import APIRouter
 from opentelemetry.trace import SpanKind
 from starlette.requests import Request
@@ -15,8 +16,9 @@ from starlette.responses import Response
 
 from gateway.api.body import header_length, read_body
 from gateway.api.errors import error_response, status_of
+from gateway.audit import AuditFull
 from gateway.codec import Answer, DecodedRequest, decode_v1, decode_v2, encode_v1, encode_v2, positive_ms
-from gateway.errors import GatewayError, SchemaViolation
+from gateway.errors import GatewayError, SchemaViolation, Unavailable
 from gateway.pipeline import InferenceCall
 from gateway.registry import ServedModel
 from gateway.telemetry import UNKNOWN_MODEL
@@ -111,6 +113,9 @@ async def _serve_in_span(request: Request, protocol: str, model: str, version: s
         span.record_exception(exc)
         raise  # the app's handler logs it with the stack and answers 500 JSON
 
+    refusal = await _audit(gateway, model, answer, decoded, span, started)
+    if refusal is not None:
+        return refusal
     payload, headers, media = encode(answer, decoded)
     headers["X-Model-Version"] = answer.version
     if _HEADER_SAFE.fullmatch(answer.request_id):  # the body always echoes it; headers only if it is safe
@@ -129,6 +134,42 @@ async def _serve_in_span(request: Request, protocol: str, model: str, version: s
     if batch.ignored_fields:
         metrics.ignored_fields.labels(label).inc(len(batch.ignored_fields))
     return Response(payload, media_type=media, headers=headers)
+
+
+async def _audit(gateway: Gateway, model: str, answer: Answer, decoded: DecodedRequest, span: Span,
+                 started: float) -> Response | None:
+    """Record the answer in the audit log before it leaves; a 503 instead when the log is full and the
+    policy says `reject` (nothing is answered unrecorded)."""
+    served = gateway.snapshot.models.get(model)
+    spec = served.policy.policy.audit if served is not None and served.policy is not None else None
+    if spec is not None and not spec.enabled:
+        return None
+    attempted = str(answer.parameters.get("attempted_version", answer.version))
+    entry = served.versions.get(attempted) if served is not None else None
+    inputs = {name: _plain(c.values) for name, c in decoded.columns.items()}
+    record = {
+        "kind": "request", "time": time.time(), "request_id": answer.request_id, "trace_id": trace_id(span),
+        "model": model, "version": answer.version, "route": answer.parameters.get("route"),
+        "inputs": gateway.redactor(model).apply(inputs),
+        "outputs": {name: _plain(array) for name, array in answer.outputs.items()},
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        "fallback_reason": answer.parameters.get("fallback_reason"),
+        "policy_sha256": served.policy.sha256 if served is not None and served.policy is not None else None,
+        "model_sha256": entry.sha256 if entry is not None else None,
+    }
+    try:
+        await gateway.audit.submit(record, spec.on_full if spec is not None else "block")
+    except AuditFull as exc:
+        gateway.metrics.audit_records.labels("rejected").inc()
+        return error_response(Unavailable(f"{exc}; the answer was withheld (audit.on_full: reject)"))
+    return None
+
+
+def _plain(values: Any) -> Any:
+    """JSON-ready values (object arrays become lists; numeric arrays stay numpy for orjson)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "O":
+        return values.tolist()
+    return values
 
 
 @router.post("/v2/models/{model}/infer")

@@ -1,0 +1,381 @@
+"""The tamper-evident audit log: hash-chained JSON Lines, written off the hot path, verified offline.
+
+Each line is one record: its canonical JSON (sorted keys, compact) with a last field `hash`,
+where hash = sha256(previous record's hash + the canonical bytes before `,"hash"`). The very
+first record follows 64 zeros. `seq` counts records across files; a file is named after its
+first record's `seq` (`audit-000000000001.jsonl`) and the chain runs on from the previous file's
+last hash, so edited, deleted, inserted or reordered records and missing files all break the
+chain at a nameable place.
+
+The writer takes records from a bounded asyncio queue, serialises, hashes and appends them in a
+worker thread, one batch at a time, and fsyncs per batch (or per interval). At start it checks
+the newest file: a torn last line (a crash mid-write) is left as evidence and the chain goes on
+in a new file whose first record is an explicit `recovery` record naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("gateway.audit")
+
+GENESIS = "0" * 64
+LINE = re.compile(rb'^(\{.*),"hash":"([0-9a-f]{64})"\}$')
+NAME = re.compile(r"^audit-(\d{12})\.jsonl$")
+BATCH = 1000
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    """The record's canonical JSON (sorted keys, no spaces; numpy values become plain numbers)."""
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def chain_hash(previous: str, body: bytes) -> str:
+    """sha256 over the previous hash (hex) and this record's canonical bytes."""
+    return hashlib.sha256(previous.encode() + body).hexdigest()
+
+
+def file_name(first_seq: int) -> str:
+    """The file that starts at record `first_seq`."""
+    return f"audit-{first_seq:012d}.jsonl"
+
+
+class Redactor:
+    """Applies a policy's per-field redaction to request inputs."""
+
+    def __init__(self, rules: dict[str, str], key: str | None) -> None:
+        self.rules = rules
+        self._key = key.encode() if key else None
+
+    def apply(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Inputs with redacted fields dropped, masked, or replaced by keyed hashes."""
+        out = {}
+        for name, values in inputs.items():
+            action = self.rules.get(name)
+            if action is None:
+                out[name] = values
+            elif action == "mask":
+                out[name] = ["***" for _ in values]
+            elif action == "hash" and self._key is not None:
+                out[name] = [None if v is None else "hmac:" + hmac.new(self._key, str(v).encode(), "sha256")
+                             .hexdigest()[:32] for v in values]
+            # drop, or hash without a key: the field is left out entirely
+        return out
+
+
+@dataclass
+class _Tail:
+    """Where the chain stands: next seq, last hash, and a torn line found at start (if any)."""
+
+    seq: int = 1
+    last_hash: str = GENESIS
+    torn: dict[str, Any] | None = None
+
+
+def _scan_tail(directory: Path) -> _Tail:
+    """The chain's end as left on disk (the newest file's last complete record)."""
+    files = sorted(p for p in directory.glob("audit-*.jsonl") if NAME.match(p.name))
+    if not files:
+        return _Tail()
+    newest = files[-1]
+    data = newest.read_bytes()
+    tail = _Tail()
+    offset = 0
+    for line in data.split(b"\n"):
+        end = offset + len(line)
+        complete = end < len(data)  # followed by a newline
+        match = LINE.match(line) if complete else None
+        if match is not None:
+            record = orjson.loads(match.group(1) + b"}")
+            tail.seq, tail.last_hash = int(record["seq"]) + 1, match.group(2).decode()
+        elif line:
+            tail.torn = {"file": newest.name, "offset": offset, "bytes": len(data) - offset}
+            break
+        offset = end + 1
+    if tail.seq == 1 and tail.last_hash == GENESIS:  # an empty newest file: start from its name
+        match_name = NAME.match(newest.name)
+        tail.seq = int(match_name.group(1)) if match_name else 1
+    return tail
+
+
+@dataclass
+class WriterStats:
+    """Counts for metrics and status."""
+
+    written: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    batches: int = 0
+    last_fsync: float = field(default_factory=time.monotonic)
+
+
+class AuditFull(Exception):
+    """The queue is full and the model's policy says `reject`."""
+
+
+class AuditWriter:
+    """Appends records to the chain from a bounded queue; `submit` is the only call on the hot path."""
+
+    def __init__(self, directory: Path, capacity: int, fsync: str = "batch", fsync_interval_s: float = 1.0,
+                 max_file_bytes: int = 64 * 1024 * 1024, max_file_age_s: float = 3600.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self.capacity = capacity
+        self._fsync_mode = fsync
+        self._fsync_interval = fsync_interval_s
+        self._max_bytes = max_file_bytes
+        self._max_age = max_file_age_s
+        self._clock = clock
+        self.stats = WriterStats()
+        self._queue: asyncio.Queue[dict[str, Any]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._handle: Any = None
+        self._file_started = 0.0
+        self._file_bytes = 0
+        self._tail = _Tail()
+        self.on_written: Callable[[int], None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Find the chain's end on disk, open a new file (with a recovery record after a crash)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._tail = await asyncio.to_thread(_scan_tail, self.directory)
+        self._queue = asyncio.Queue(maxsize=self.capacity)
+        await asyncio.to_thread(self._open, self._tail.seq)
+        if self._tail.torn is not None:
+            log.error("audit log: torn last line in %s at byte %d (%d bytes); continuing with a recovery record",
+                      self._tail.torn["file"], self._tail.torn["offset"], self._tail.torn["bytes"])
+            await asyncio.to_thread(self._write, [{"kind": "recovery", "time": self._clock(), **self._tail.torn,
+                                                   "note": "torn line left by an unclean stop; chain continues"}])
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Write everything queued, fsync, close (called on shutdown: nothing answered goes unrecorded)."""
+        if self._queue is not None:
+            await self._queue.join()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._handle is not None:
+            await asyncio.to_thread(self._sync_and_close)
+
+    def close_now(self) -> None:
+        """Flush and close the file without draining the queue (only for tearing down a stopped loop)."""
+        self._sync_and_close()
+
+    # --- hot path ----------------------------------------------------------------------------------
+
+    def offer(self, record: dict[str, Any]) -> None:
+        """Queue a record from synchronous code (control decisions): never lost, may wait in a task."""
+        if self._queue is None:
+            return
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            asyncio.get_running_loop().create_task(self._queue.put(record))
+
+    @property
+    def backlog(self) -> int:
+        """Records waiting to be written."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def submit(self, record: dict[str, Any], on_full: str) -> bool:
+        """Queue a record. `block` waits for room; `reject` raises AuditFull; `drop` counts and returns False."""
+        if self._queue is None:
+            raise RuntimeError("the audit writer is not started")
+        if on_full == "block":
+            await self._queue.put(record)
+            return True
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            if on_full == "reject":
+                self.stats.rejected += 1
+                raise AuditFull(f"the audit log is {self.capacity} records behind") from None
+            self.stats.dropped += 1
+            return False
+        return True
+
+    # --- the writer ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            delay = 0.1
+            while True:  # a record is never dropped here: on a failing disk, retry (the queue fills, and
+                try:     # each model's on_full decides what its clients see)
+                    await asyncio.to_thread(self._write, batch)
+                    break
+                except OSError:
+                    log.exception("audit log write failed; retrying %d records", len(batch))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            for _ in batch:
+                self._queue.task_done()
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """Serialise, chain and append a batch (worker thread; the only writer)."""
+        now = time.monotonic()
+        if self._file_bytes >= self._max_bytes or self._clock() - self._file_started >= self._max_age:
+            self._sync_and_close()
+            self._open(self._tail.seq)
+        lines = []
+        seq, last = self._tail.seq, self._tail.last_hash
+        for record in records:
+            body = canonical({**record, "seq": seq, "prev": last})
+            digest = chain_hash(last, body)
+            lines.append(body[:-1] + b',"hash":"' + digest.encode() + b'"}\n')
+            seq, last = seq + 1, digest
+        data = b"".join(lines)
+        self._handle.write(data)
+        self._handle.flush()
+        self._tail.seq, self._tail.last_hash = seq, last  # the chain moves on only once written
+        self._file_bytes += len(data)
+        if self._fsync_mode == "batch" or now - self.stats.last_fsync >= self._fsync_interval:
+            os.fsync(self._handle.fileno())
+            self.stats.last_fsync = now
+        self.stats.written += len(records)
+        self.stats.batches += 1
+        if self.on_written is not None:
+            self.on_written(len(records))
+
+    def _open(self, first_seq: int) -> None:
+        path = self.directory / file_name(first_seq)
+        self._handle = path.open("ab")
+        self._file_started = self._clock()
+        self._file_bytes = path.stat().st_size
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _sync_and_close(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+
+# --- verification ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Finding:
+    """A break in the chain (or a tolerated, recovered torn line)."""
+
+    file: str
+    line: int
+    seq: int | None
+    problem: str
+    fatal: bool = True
+
+    def describe(self) -> str:
+        """`file:line: (seq N) problem`."""
+        where = f" (seq {self.seq})" if self.seq is not None else ""
+        return f"{self.file}:{self.line}:{where} {self.problem}"
+
+
+@dataclass
+class Verdict:
+    """What `verify` found: records checked and every finding, the first fatal one decisive."""
+
+    records: int = 0
+    files: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No fatal finding."""
+        return not any(f.fatal for f in self.findings)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    data = path.read_bytes()
+    parts = data.split(b"\n")
+    for number, part in enumerate(parts, start=1):
+        last = number == len(parts)
+        if last and part == b"":
+            return
+        yield number, part, not last  # complete when a newline follows
+
+
+def verify(directory: Path) -> Verdict:
+    """Check the whole chain: every record's hash, its link to the previous one, seq continuity, files."""
+    verdict = Verdict()
+    files = sorted(p for p in directory.glob("audit-*.jsonl") if NAME.match(p.name))
+    expected_seq, previous = 1, GENESIS
+    pending_torn: dict[str, Any] | None = None
+    for path in files:
+        verdict.files += 1
+        name_seq = int(NAME.match(path.name).group(1))  # type: ignore[union-attr]
+        if name_seq != expected_seq:
+            gap = "a file is missing" if name_seq > expected_seq else "files overlap"
+            verdict.findings.append(Finding(path.name, 1, name_seq, f"starts at seq {name_seq}, the chain is at "
+                                                                    f"{expected_seq}: {gap}"))
+            return verdict
+        first = True
+        for number, line, complete in _lines(path):
+            match = LINE.match(line) if complete else None
+            if match is None:
+                if not complete:
+                    pending_torn = {"file": path.name, "line": number}
+                    continue
+                verdict.findings.append(Finding(path.name, number, None, "not an audit record (malformed line)"))
+                return verdict
+            body, stored = match.group(1) + b"}", match.group(2).decode()
+            record = orjson.loads(body)
+            seq = record.get("seq")
+            if first and pending_torn is not None:
+                if record.get("kind") != "recovery" or record.get("file") != pending_torn["file"]:
+                    verdict.findings.append(Finding(pending_torn["file"], pending_torn["line"], None,
+                                                    "torn last line (an unclean stop) with no recovery record"))
+                    return verdict
+                verdict.findings.append(Finding(pending_torn["file"], pending_torn["line"], None,
+                                                "torn last line, acknowledged by the recovery record "
+                                                f"in {path.name}", fatal=False))
+                pending_torn = None
+            first = False
+            if record.get("prev") != previous or seq != expected_seq:
+                if isinstance(seq, int) and seq > expected_seq:
+                    problem = f"records {expected_seq}..{seq - 1} are missing (deleted)"
+                else:
+                    problem = f"out of order or inserted (expected seq {expected_seq} after hash {previous[:12]})"
+                verdict.findings.append(Finding(path.name, number, seq if isinstance(seq, int) else None, problem))
+                return verdict
+            if chain_hash(previous, body) != stored:
+                verdict.findings.append(Finding(path.name, number, seq, "content does not match its hash (edited)"))
+                return verdict
+            previous, expected_seq = stored, expected_seq + 1
+            verdict.records += 1
+    if pending_torn is not None:
+        verdict.findings.append(Finding(pending_torn["file"], pending_torn["line"], None,
+                                        "torn last line (truncated: an unclean stop, not yet recovered)"))
+    return verdict
+
+
+def records(directory: Path) -> Iterator[dict[str, Any]]:
+    """Every complete record, in order (for `gateway audit show`)."""
+    for path in sorted(p for p in directory.glob("audit-*.jsonl") if NAME.match(p.name)):
+        for _, line, complete in _lines(path):
+            match = LINE.match(line) if complete else None
+            if match is not None:
+                yield {**orjson.loads(match.group(1) + b"}"), "hash": match.group(2).decode()}
