@@ -56,7 +56,8 @@ class Gateway:
         self.snapshot = Snapshot(models={}, policy_problems=["models are still loading"])
         self.breakers = BreakerBoard(on_change=self.metrics.breaker_changed)
         self.stats = TrafficStats()
-        self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics)
+        self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics,
+                                   audit=lambda record: self.audit.submit(record, "block"))
         self.monitor = Monitoring(lambda: self.snapshot, self.metrics)
         self.tracer, self.tracer_provider = make_tracer(settings.trace_exporter, settings.trace_sample_ratio)
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
@@ -69,7 +70,7 @@ class Gateway:
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
                                           drift_state=self.monitor.drift_state)
         self.tokens = TokenBook(settings.admin_tokens)
-        self.audit = AuditWriter(settings.audit_dir, settings.audit_queue, settings.audit_fsync,
+        self.audit: AuditWriter = AuditWriter(settings.audit_dir, settings.audit_queue, settings.audit_fsync,
                                  settings.audit_fsync_interval_s, settings.audit_max_file_bytes,
                                  settings.audit_max_file_age_s)
         self.audit.on_written = lambda n: self.metrics.audit_records.labels("written").inc(n)

@@ -40,6 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("--output", type=Path, help="write to this file instead of standard output")
     _admin_commands(commands)
 
+    audit = commands.add_parser("audit", help="verify or read the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    verify = audit_commands.add_parser("verify", help="check the whole hash chain; exit 1 naming the first "
+                                                      "bad record")
+    verify.add_argument("directory", type=Path)
+    show = audit_commands.add_parser("show", help="print records (JSON Lines), filtered")
+    show.add_argument("directory", type=Path)
+    show.add_argument("--request-id")
+    show.add_argument("--model")
+    show.add_argument("--version")
+    show.add_argument("--kind", choices=["request", "shadow", "control", "recovery"])
+    show.add_argument("--since", help="ISO time or epoch seconds (inclusive)")
+    show.add_argument("--until", help="ISO time or epoch seconds (exclusive)")
+
     docs = policy_commands.add_parser("docs", help="print the policy and settings reference (Markdown)")
     docs.add_argument("--write", type=Path, metavar="FILE",
                       help="refresh the generated sections of FILE (e.g. README.md) in place")
@@ -92,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command in ADMIN_COMMANDS:
         return _admin(parser, args)
+    if args.command == "audit":
+        return _audit(parser, args)
     if args.policy_command == "check":
         return _policy_check(args.files, args.models)
     if args.policy_command == "docs":
@@ -149,6 +165,52 @@ def _admin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(json.dumps(reply.body, indent=2))
     return EXIT_OK if reply.status < 400 else EXIT_INVALID
+
+
+def _audit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from gateway.audit import records, verify
+
+    if not args.directory.is_dir():
+        print(f"gateway: {args.directory} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    if args.audit_command == "verify":
+        verdict = verify(args.directory)
+        for finding in verdict.findings:
+            print(("" if finding.fatal else "note: ") + finding.describe())
+        status = "ok" if verdict.ok else "BROKEN"
+        print(f"{args.directory}: {status}: {verdict.records} records in {verdict.files} files verified")
+        return EXIT_OK if verdict.ok else EXIT_INVALID
+    since, until = _when(parser, args.since), _when(parser, args.until)
+    for record in records(args.directory):
+        if args.request_id is not None and record.get("request_id") != args.request_id:
+            continue
+        if args.model is not None and record.get("model") != args.model:
+            continue
+        if args.version is not None and record.get("version") != args.version:
+            continue
+        if args.kind is not None and record.get("kind") != args.kind:
+            continue
+        moment = float(record.get("time") or 0)
+        if (since is not None and moment < since) or (until is not None and moment >= until):
+            continue
+        print(json.dumps(record, sort_keys=True))
+    return EXIT_OK
+
+
+def _when(parser: argparse.ArgumentParser, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        parser.error(f"not a time: {text!r} (ISO 8601 or epoch seconds)")
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _serve(args: argparse.Namespace) -> int:

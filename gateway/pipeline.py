@@ -130,7 +130,7 @@ class InferencePipeline:
         answer = self._model_answer(model, served, batch, results, wanted, request_id, route)
         self.stats.record(model.name, version, self._elapsed(call), False, "fallback_rows" in answer.parameters)
         if route != "pinned" and self._shadow is not None:
-            self._mirror(model, version, call.columns, results)
+            self._mirror(model, version, call.columns, results, request_id)
         return answer, batch
 
     def _route(self, model: ServedModel, call: InferenceCall) -> tuple[ServedVersion, str]:
@@ -144,12 +144,12 @@ class InferencePipeline:
         return model.served[version], route
 
     def _mirror(self, model: ServedModel, primary: str, columns: dict[str, Column],
-                results: dict[str, np.ndarray]) -> None:
+                results: dict[str, np.ndarray], request_id: str) -> None:
         target = shadow_version(model, self._draw)
         if target is None or target == primary or self._shadow is None:
             return
         capacity = model.policy.policy.routing.shadow_queue if model.policy else 100
-        self._shadow.offer(ShadowJob(model.name, target, columns, results), capacity)
+        self._shadow.offer(ShadowJob(model.name, target, columns, results, request_id, primary), capacity)
 
     @staticmethod
     def _elapsed(call: InferenceCall) -> float:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,13 +36,16 @@ class ShadowJob:
     version: str
     columns: dict[str, Column]
     primary: dict[str, np.ndarray]
+    request_id: str = ""
+    primary_version: str = ""
 
 
 class ShadowMirror:
     """Per-model bounded queues and their workers."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], executor: ThreadPoolExecutor, stats: TrafficStats,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, audit: Callable[[dict[str, Any]], Awaitable[Any]] | None = None) -> None:
+        self._audit = audit
         self._snapshot = snapshot
         self._executor = executor
         self._stats = stats
@@ -102,6 +106,13 @@ class ShadowMirror:
                                                    loop.time() + model.timeout_s, before_run)
         disagreements, diffs = compare(job.primary, outputs, served.entry.card.score if served.entry.card else None)
         self._stats.record_shadow(job.model, job.version, batch.rows, disagreements, diffs)
+        if self._audit is not None and model.policy is not None and model.policy.policy.audit.enabled:
+            await self._audit({"kind": "shadow", "time": time.time(), "request_id": job.request_id,
+                               "model": job.model, "version": job.version, "route": "shadow",
+                               "primary_version": job.primary_version,
+                               "outputs": {k: (v.tolist() if v.dtype.kind == "O" else v) for k, v in outputs.items()},
+                               "disagreements": disagreements, "policy_sha256": model.policy.sha256,
+                               "model_sha256": served.entry.sha256})
         self._metrics.shadow.labels(job.model, job.version, "compared").inc()
         self._metrics.shadow_rows.labels(job.model, job.version).inc(batch.rows)
         self._metrics.shadow_disagreements.labels(job.model, job.version).inc(disagreements)
