@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def free_port() -> int:
 
 @contextmanager
 def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
-                    policies: Path | None = None) -> Iterator[str]:
+                    policies: Path | None = None, cpu: int | None = None) -> Iterator[str]:
     """`gateway serve` on a free port with a throw-away state directory; yields its URL."""
     port = free_port()
     state = tempfile.mkdtemp(prefix="loadtest-state-")
@@ -53,6 +54,8 @@ def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
            **(extra_env or {})}
     command = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--models", str(ROOT / "models"),
                "--policies", str(policies or ROOT / "policies")]
+    if cpu is not None and shutil.which("taskset"):
+        command = ["taskset", "-c", str(cpu), *command]  # keep the server off the load generator's CPU
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
