@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 log = logging.getLogger("gateway.audit")
@@ -71,10 +72,20 @@ class Redactor:
             elif action == "mask":
                 out[name] = ["***" for _ in values]
             elif action == "hash" and self._key is not None:
-                out[name] = [None if v is None else "hmac:" + hmac.new(self._key, str(v).encode(), "sha256")
+                key = self._key
+                out[name] = [None if v is None else "hmac:" + hmac.new(key, _normal(v).encode(), "sha256")
                              .hexdigest()[:32] for v in values]
             # drop, or hash without a key: the field is left out entirely
         return out
+
+
+def _normal(value: Any) -> str:
+    """One text per value whatever JSON spelling carried it (58000 and 58000.0 hash alike)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return repr(float(value))
+    return str(value)
 
 
 @dataclass
@@ -86,30 +97,52 @@ class _Tail:
     torn: dict[str, Any] | None = None
 
 
-def _scan_tail(directory: Path) -> _Tail:
-    """The chain's end as left on disk (the newest file's last complete record)."""
-    files = sorted(p for p in directory.glob("audit-*.jsonl") if NAME.match(p.name))
-    if not files:
-        return _Tail()
-    newest = files[-1]
-    data = newest.read_bytes()
-    tail = _Tail()
+def _last_record(data: bytes) -> tuple[dict[str, Any] | None, str | None, dict[str, int] | None]:
+    """(last complete record, its hash, torn tail {offset, bytes}) of one file's bytes."""
+    last: dict[str, Any] | None = None
+    digest: str | None = None
     offset = 0
     for line in data.split(b"\n"):
         end = offset + len(line)
-        complete = end < len(data)  # followed by a newline
-        match = LINE.match(line) if complete else None
-        if match is not None:
-            record = orjson.loads(match.group(1) + b"}")
-            tail.seq, tail.last_hash = int(record["seq"]) + 1, match.group(2).decode()
+        match = LINE.match(line) if end < len(data) else None  # complete when a newline follows
+        parsed = _parse(match.group(1)) if match is not None else None
+        if parsed is not None and match is not None:
+            last, digest = parsed, match.group(2).decode()
         elif line:
-            tail.torn = {"file": newest.name, "offset": offset, "bytes": len(data) - offset}
-            break
+            return last, digest, {"offset": offset, "bytes": len(data) - offset}
         offset = end + 1
-    if tail.seq == 1 and tail.last_hash == GENESIS:  # an empty newest file: start from its name
-        match_name = NAME.match(newest.name)
-        tail.seq = int(match_name.group(1)) if match_name else 1
+    return last, digest, None
+
+
+def _scan_tail(directory: Path) -> _Tail:
+    """Where the chain ends on disk: the last complete record of the newest file that has one.
+
+    A torn tail of the newest file (a crash mid-write) is reported; when that file holds nothing
+    else, it is renamed aside (kept as evidence) so the new file can take its place in the chain.
+    """
+    files = sorted(p for p in directory.glob("audit-*.jsonl") if NAME.match(p.name))
+    tail = _Tail()
+    for index, path in enumerate(reversed(files)):
+        record, digest, torn = _last_record(path.read_bytes())
+        if index == 0 and torn is not None:
+            tail.torn = {"file": path.name, **torn}
+            if record is None:  # nothing but the torn line: move it out of the chain's way
+                aside = path.with_name(path.name + ".torn")
+                path.rename(aside)
+                tail.torn["file"] = aside.name
+        if record is not None and digest is not None:
+            tail.seq, tail.last_hash = int(record["seq"]) + 1, digest
+            return tail
     return tail
+
+
+def _parse(body: bytes) -> dict[str, Any] | None:
+    """The record in a line's JSON part, or None when it is not a JSON object."""
+    try:
+        value = orjson.loads(body + b"}")
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -329,6 +362,10 @@ def verify(directory: Path) -> Verdict:
     for path in files:
         verdict.files += 1
         name_seq = int(NAME.match(path.name).group(1))  # type: ignore[union-attr]
+        if pending_torn is not None and name_seq != expected_seq:  # a torn line ended the previous file
+            verdict.findings.append(Finding(pending_torn["file"], pending_torn["line"], None,
+                                            "torn line (truncated record) inside the chain"))
+            return verdict
         if name_seq != expected_seq:
             gap = "a file is missing" if name_seq > expected_seq else "files overlap"
             verdict.findings.append(Finding(path.name, 1, name_seq, f"starts at seq {name_seq}, the chain is at "
@@ -344,9 +381,13 @@ def verify(directory: Path) -> Verdict:
                 verdict.findings.append(Finding(path.name, number, None, "not an audit record (malformed line)"))
                 return verdict
             body, stored = match.group(1) + b"}", match.group(2).decode()
-            record = orjson.loads(body)
+            record = _parse(match.group(1))
+            if record is None:
+                verdict.findings.append(Finding(path.name, number, None, "not an audit record (malformed JSON)"))
+                return verdict
             seq = record.get("seq")
-            if first and pending_torn is not None:
+            acknowledged = first and pending_torn is not None
+            if acknowledged and pending_torn is not None:
                 if record.get("kind") != "recovery" or record.get("file") != pending_torn["file"]:
                     verdict.findings.append(Finding(pending_torn["file"], pending_torn["line"], None,
                                                     "torn last line (an unclean stop) with no recovery record"))
@@ -355,10 +396,15 @@ def verify(directory: Path) -> Verdict:
                                                 "torn last line, acknowledged by the recovery record "
                                                 f"in {path.name}", fatal=False))
                 pending_torn = None
+            if first and not acknowledged and record.get("kind") == "recovery":
+                verdict.findings.append(Finding(path.name, number, seq if isinstance(seq, int) else None,
+                                                f"recovery after an unclean stop (torn line kept in "
+                                                f"{record.get('file')})", fatal=False))
             first = False
             if record.get("prev") != previous or seq != expected_seq:
                 if isinstance(seq, int) and seq > expected_seq:
-                    problem = f"records {expected_seq}..{seq - 1} are missing (deleted)"
+                    problem = (f"records {expected_seq}..{seq - 1} are missing or out of order here "
+                               "(deleted or reordered)")
                 else:
                     problem = f"out of order or inserted (expected seq {expected_seq} after hash {previous[:12]})"
                 verdict.findings.append(Finding(path.name, number, seq if isinstance(seq, int) else None, problem))
@@ -379,5 +425,6 @@ def records(directory: Path) -> Iterator[dict[str, Any]]:
     for path in sorted(p for p in directory.glob("audit-*.jsonl") if NAME.match(p.name)):
         for _, line, complete in _lines(path):
             match = LINE.match(line) if complete else None
-            if match is not None:
-                yield {**orjson.loads(match.group(1) + b"}"), "hash": match.group(2).decode()}
+            record = _parse(match.group(1)) if match is not None else None
+            if record is not None and match is not None:
+                yield {**record, "hash": match.group(2).decode()}

@@ -149,7 +149,8 @@ async def _audit(gateway: Gateway, model: str, answer: Answer, decoded: DecodedR
     inputs = {name: _plain(c.values) for name, c in decoded.columns.items()}
     record = {
         "kind": "request", "time": time.time(), "request_id": answer.request_id, "trace_id": trace_id(span),
-        "model": model, "version": answer.version, "route": answer.parameters.get("route"),
+        "model": model, "version": answer.version, "attempted_version": attempted,
+        "route": answer.parameters.get("route"),
         "inputs": gateway.redactor(model).apply(inputs),
         "outputs": {name: _plain(array) for name, array in answer.outputs.items()},
         "latency_ms": round((time.perf_counter() - started) * 1000, 3),
@@ -158,7 +159,8 @@ async def _audit(gateway: Gateway, model: str, answer: Answer, decoded: DecodedR
         "model_sha256": entry.sha256 if entry is not None else None,
     }
     try:
-        await gateway.audit.submit(record, spec.on_full if spec is not None else "block")
+        if not await gateway.audit.submit(record, spec.on_full if spec is not None else "block"):
+            gateway.metrics.audit_records.labels("dropped").inc()
     except AuditFull as exc:
         gateway.metrics.audit_records.labels("rejected").inc()
         return error_response(Unavailable(f"{exc}; the answer was withheld (audit.on_full: reject)"))
