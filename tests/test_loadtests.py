@@ -28,3 +28,12 @@ def test_load_scripts_refuse_targets_off_this_machine() -> None:
     done = subprocess.run([sys.executable, "-m", "loadtests.switch_under_load", "--url", "http://example.com:8080"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0 and "loopback" in done.stderr
+
+
+def test_audit_bench_writer_reports_a_verified_rate() -> None:
+    done = subprocess.run([sys.executable, "-m", "loadtests.audit_bench", "--writer-only", "--records", "2000"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    report = json.loads(done.stdout)
+    assert report["writer"]["records"] == 2000 and report["writer"]["verified"] is True
+    assert report["writer"]["records_per_s"] > 0 and report["writer"]["batches"] >= 2
+    assert done.returncode in (0, 1)  # the verdict depends on this machine's disk, not on correctness
