@@ -76,29 +76,31 @@ def test_malformed_client_deadlines_are_400(client: Any, headers: dict[str, str]
     assert answer.status_code == 400, answer.text
 
 
-def _held_app(repo_copy: tuple[Path, Path], **settings: Any) -> tuple[Any, threading.Event, threading.Event]:
-    """An app whose version-1 runs block until released (an injected hang), plus its two events."""
+async def _held_app(repo_copy: tuple[Path, Path], **settings: Any) -> tuple[Any, threading.Event, threading.Event]:
+    """A loaded app whose stable version's runs block until released (a hang injected on purpose),
+    with the events `entered` (a run started) and `release`."""
     models, policies = repo_copy
     app = create_app(Settings(models_dir=models, policies_dir=policies, state_dir=policies.parent / "state",
                               audit_dir=policies.parent / "audit", **settings))
-    return app, threading.Event(), threading.Event()
+    entered, release = threading.Event(), threading.Event()
+    await app.state.gateway.load()
+    model = app.state.gateway.snapshot.model(MODEL).resolve(None).entry.model
+    original = model.run
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(5)
+        return original(*args, **kwargs)
+
+    model.run = held
+    return app, entered, release
 
 
 @pytest.mark.parametrize("how", ["header", "v2 timeout_ms", "triton timeout (us)"])
 def test_a_client_deadline_shortens_the_policy_deadline(repo_copy: tuple[Path, Path], how: str) -> None:
     async def scenario() -> httpx.Response:
-        app, entered, release = _held_app(repo_copy)
+        app, _, release = await _held_app(repo_copy)
         gateway = app.state.gateway
-        await gateway.load()
-        model = gateway.snapshot.model(MODEL).resolve(None).entry.model
-        original = model.run
-
-        def held(*args: Any, **kwargs: Any) -> Any:
-            entered.set()
-            release.wait(5)
-            return original(*args, **kwargs)
-
-        model.run = held
         headers = {"X-Timeout-Ms": "30"} if how == "header" else {}
         parameters = {"header": None, "v2 timeout_ms": {"timeout_ms": 30}, "triton timeout (us)": {"timeout": 30000}}
         body = v2_body([good_row()], **({"parameters": parameters[how]} if parameters[how] else {}))
@@ -118,18 +120,8 @@ def test_a_client_deadline_shortens_the_policy_deadline(repo_copy: tuple[Path, P
 
 def test_overload_is_answered_at_once_instead_of_queueing(repo_copy: tuple[Path, Path]) -> None:
     async def scenario() -> tuple[httpx.Response, httpx.Response]:
-        app, entered, release = _held_app(repo_copy, max_queued_inferences=1)
+        app, entered, release = await _held_app(repo_copy, max_queued_inferences=1)
         gateway = app.state.gateway
-        await gateway.load()
-        model = gateway.snapshot.model(MODEL).resolve(None).entry.model
-        original = model.run
-
-        def held(*args: Any, **kwargs: Any) -> Any:
-            entered.set()
-            release.wait(5)
-            return original(*args, **kwargs)
-
-        model.run = held
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
             first = asyncio.create_task(http.post(f"/v2/models/{MODEL}/infer", json=v2_body([good_row()])))
