@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class ModelState:
     routing_hash: str
     rollout: RolloutState | None = None
     updated_at: float = 0.0
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def routing_hash(routing: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,63 +75,80 @@ def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
 
 
 @dataclass
-class Results:
-    """Outcomes of an open-loop run; latency is measured from each request's scheduled time."""
+class Outcome:
+    """Everything measured in a run."""
 
     latencies_ms: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
     versions: Counter[str] = field(default_factory=Counter)
     routes: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-
-    def percentile(self, p: float) -> float:
-        """Latency percentile in ms (nearest rank)."""
-        if not self.latencies_ms:
-            return math.nan
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready figures."""
-        total = sum(self.statuses.values()) + sum(self.errors.values())
-        return {"requests": total, "statuses": dict(self.statuses), "transport_errors": dict(self.errors),
-                "non_2xx": total - sum(n for s, n in self.statuses.items() if 200 <= s < 300),
-                "versions": dict(self.versions), "routes": dict(self.routes),
-                "latency_ms": {p: round(self.percentile(float(p)), 2) for p in ("50", "90", "99", "99.9")}
-                | {"max": round(max(self.latencies_ms, default=math.nan), 2)}}
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    scheduled: int = 0
+    duration_s: float = 0.0
 
 
-async def open_loop(url: str, rate: float, seconds: float, path: str, body: dict[str, Any],
-                    headers: Callable[[int], dict[str, str]] | None = None, max_in_flight: int = 1000) -> Results:
-    """Send requests at `rate` per second for `seconds`, each at its scheduled time, whatever came before.
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (NaN for no values)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+def summarise(outcome: Outcome) -> dict[str, Any]:
+    """Rates, percentiles and shares of a run."""
+    answered = sum(outcome.statuses.values())
+    failed = sum(n for s, n in outcome.statuses.items() if s >= 500) + sum(outcome.errors.values())
+    total = answered + sum(outcome.errors.values())
+    return {
+        "scheduled": outcome.scheduled, "sent": total, "requests": total,
+        "non_2xx": total - sum(n for s, n in outcome.statuses.items() if 200 <= s < 300),
+        "versions": dict(outcome.versions), "routes": dict(outcome.routes),
+        "achieved_rps": round(total / outcome.duration_s, 2) if outcome.duration_s else 0.0,
+        "scheduled_rps": round(outcome.scheduled / outcome.duration_s, 2) if outcome.duration_s else 0.0,
+        "latency_ms": {"p50": percentile(outcome.latencies_ms, 50), "p90": percentile(outcome.latencies_ms, 90),
+                       "p99": percentile(outcome.latencies_ms, 99), "p99.9": percentile(outcome.latencies_ms, 99.9),
+                       "max": max(outcome.latencies_ms, default=math.nan)},
+        "errors_by_status": {str(s): n for s, n in sorted(outcome.statuses.items()) if s >= 400},
+        "transport_errors": dict(outcome.errors),
+        "error_rate": round(failed / total, 6) if total else 0.0,
+        "share_by_version": {v: round(n / answered, 4) for v, n in outcome.versions.items()} if answered else {},
+        "share_fallback": round(sum(outcome.fallbacks.values()) / answered, 4) if answered else 0.0,
+    }
+
+
+async def drive(url: str, path: str, body: bytes, offsets: list[float]) -> Outcome:
+    """Send one request per offset, on time, whatever came before; measure each from its scheduled time.
 
     aiohttp rather than httpx: on a 2-core machine the load generator must cost far less CPU than
     the server it measures.
     """
     import aiohttp
 
-    results = Results()
-    payload = json.dumps(body).encode()
-    connector = aiohttp.TCPConnector(limit=max_in_flight)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as client:
+    outcome = Outcome(scheduled=len(offsets))
+    connector = aiohttp.TCPConnector(limit=2000)
+    async with aiohttp.ClientSession(base_url=url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as client:
         loop = asyncio.get_running_loop()
-        start = loop.time() + 0.05
-        count = int(rate * seconds)
+        start = loop.time() + 0.1
 
-        async def one(i: int) -> None:
-            at = start + i / rate
+        async def one(offset: float) -> None:
+            at = start + offset
             await asyncio.sleep(max(0.0, at - loop.time()))
-            extra = {"Content-Type": "application/json", **(headers(i) if headers else {})}
             try:
-                async with client.post(path, data=payload, headers=extra) as answer:
+                async with client.post(path, data=body, headers={"Content-Type": "application/json"}) as answer:
                     await answer.read()
-                    results.latencies_ms.append((loop.time() - at) * 1000)
-                    results.statuses[answer.status] += 1
-                    results.versions[answer.headers.get("x-model-version", "-")] += 1
-                    results.routes[answer.headers.get("x-route", "-")] += 1
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                results.errors[type(exc).__name__] += 1
+                    outcome.latencies_ms.append((loop.time() - at) * 1000)
+                    outcome.statuses[answer.status] += 1
+                    outcome.versions[answer.headers.get("x-model-version", "-")] += 1
+                    outcome.routes[answer.headers.get("x-route", "-")] += 1
+                    if "x-fallback" in answer.headers:
+                        outcome.fallbacks[answer.headers["x-fallback"]] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                outcome.errors[type(exc).__name__] += 1
 
-        await asyncio.gather(*(one(i) for i in range(count)))
-    return results
+        began = time.perf_counter()
+        await asyncio.gather(*(one(o) for o in offsets))
+        outcome.duration_s = max(offsets[-1] if offsets else 0.0, time.perf_counter() - began - 0.1)
+    return outcome

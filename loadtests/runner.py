@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import re
 import sys
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loadtests.common import ROOT, ROW, require_loopback, spawned_gateway
+from loadtests.common import ROOT, ROW, drive, require_loopback, spawned_gateway, summarise
 
 
 @dataclass(frozen=True)
@@ -72,47 +69,6 @@ def schedule(phases: list[Phase]) -> list[float]:
     return offsets
 
 
-@dataclass
-class Outcome:
-    """Everything measured in a run."""
-
-    latencies_ms: list[float] = field(default_factory=list)
-    statuses: Counter[int] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    versions: Counter[str] = field(default_factory=Counter)
-    fallbacks: Counter[str] = field(default_factory=Counter)
-    scheduled: int = 0
-    duration_s: float = 0.0
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (NaN for no values)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def summarise(outcome: Outcome) -> dict[str, Any]:
-    """Rates, percentiles and shares of a run."""
-    answered = sum(outcome.statuses.values())
-    failed = sum(n for s, n in outcome.statuses.items() if s >= 500) + sum(outcome.errors.values())
-    total = answered + sum(outcome.errors.values())
-    return {
-        "scheduled": outcome.scheduled, "sent": total,
-        "achieved_rps": round(total / outcome.duration_s, 2) if outcome.duration_s else 0.0,
-        "scheduled_rps": round(outcome.scheduled / outcome.duration_s, 2) if outcome.duration_s else 0.0,
-        "latency_ms": {"p50": percentile(outcome.latencies_ms, 50), "p90": percentile(outcome.latencies_ms, 90),
-                       "p99": percentile(outcome.latencies_ms, 99), "p99.9": percentile(outcome.latencies_ms, 99.9),
-                       "max": max(outcome.latencies_ms, default=math.nan)},
-        "errors_by_status": {str(s): n for s, n in sorted(outcome.statuses.items()) if s >= 400},
-        "transport_errors": dict(outcome.errors),
-        "error_rate": round(failed / total, 6) if total else 0.0,
-        "share_by_version": {v: round(n / answered, 4) for v, n in outcome.versions.items()} if answered else {},
-        "share_fallback": round(sum(outcome.fallbacks.values()) / answered, 4) if answered else 0.0,
-    }
-
-
 def verdict(summary: dict[str, Any], slo: Slo) -> dict[str, Any]:
     """Pass only when p99, error rate and achieved rate all meet the SLO."""
     checks = {
@@ -124,37 +80,6 @@ def verdict(summary: dict[str, Any], slo: Slo) -> dict[str, Any]:
                  "ok": summary["achieved_rps"] >= 0.95 * summary["scheduled_rps"]},
     }
     return {"pass": all(c["ok"] for c in checks.values()), "checks": checks}
-
-
-async def drive(url: str, path: str, body: bytes, offsets: list[float]) -> Outcome:
-    """Send one request per offset, on time; measure each from its scheduled time."""
-    import aiohttp
-
-    outcome = Outcome(scheduled=len(offsets))
-    connector = aiohttp.TCPConnector(limit=2000)
-    async with aiohttp.ClientSession(base_url=url, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=30)) as client:
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 0.1
-
-        async def one(offset: float) -> None:
-            at = start + offset
-            await asyncio.sleep(max(0.0, at - loop.time()))
-            try:
-                async with client.post(path, data=body, headers={"Content-Type": "application/json"}) as answer:
-                    await answer.read()
-                    outcome.latencies_ms.append((loop.time() - at) * 1000)
-                    outcome.statuses[answer.status] += 1
-                    outcome.versions[answer.headers.get("x-model-version", "-")] += 1
-                    if "x-fallback" in answer.headers:
-                        outcome.fallbacks[answer.headers["x-fallback"]] += 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                outcome.errors[type(exc).__name__] += 1
-
-        began = time.perf_counter()
-        await asyncio.gather(*(one(o) for o in offsets))
-        outcome.duration_s = max(offsets[-1] if offsets else 0.0, time.perf_counter() - began - 0.1)
-    return outcome
 
 
 def load_scenario(path: Path, slo: Slo, scale: float) -> tuple[dict[str, Any], list[Phase]]:

@@ -19,7 +19,8 @@ import sys
 
 import httpx
 
-from loadtests.common import ROW, open_loop, require_loopback, spawned_gateway
+from loadtests.common import ROW, drive, require_loopback, spawned_gateway, summarise
+from loadtests.runner import Phase, schedule
 
 
 async def run(url: str, token: str, model: str, rate: float, seconds: float, every: float) -> dict[str, object]:
@@ -41,11 +42,12 @@ async def run(url: str, token: str, model: str, rate: float, seconds: float, eve
                 switches.append({"took_ms": answer.json()["took_ms"]})
                 i += 1
 
-    load = asyncio.create_task(open_loop(url, rate, seconds, f"/v1/models/{model}:predict", {"instances": [ROW]}))
+    body = json.dumps({"instances": [ROW]}).encode()
+    load = asyncio.create_task(drive(url, f"/v1/models/{model}:predict", body, schedule([Phase(rate, seconds)])))
     await switcher()
     results = await load
     took = [s["took_ms"] for s in switches]
-    return {"load": results.summary(), "switches": len(took),
+    return {"load": summarise(results), "switches": len(took),
             "switch_ms": {"median": round(statistics.median(took), 3), "max": round(max(took), 3)} if took else None}
 
 

@@ -169,3 +169,17 @@ def orjson_dumps(payload: Any) -> bytes:
     import orjson
 
     return orjson.dumps(payload)
+
+
+def test_answers_are_the_protocol_wire_types(client: TestClient) -> None:
+    """The server builds answers with orjson for speed; they must still parse as the spec's types."""
+    from gateway.wire import ErrorResponse, InferenceResponse, ModelMetadata, ModelReady, ServerMetadata
+
+    answer = InferenceResponse.model_validate(client.post(f"/v2/models/{MODEL}/infer",
+                                                          json=v2_body([good_row()])).json())
+    assert {o.name for o in answer.outputs} == {"label", "probabilities"} and answer.model_version == "1"
+    assert ModelMetadata.model_validate(client.get(f"/v2/models/{MODEL}").json()).inputs
+    assert ServerMetadata.model_validate(client.get("/v2").json()).name
+    assert ModelReady.model_validate(client.get(f"/v2/models/{MODEL}/ready").json()).ready
+    error = client.post(f"/v2/models/{MODEL}/infer", json=v2_body([{**good_row(), "age": 7}]))
+    assert ErrorResponse.model_validate(error.json()).violations

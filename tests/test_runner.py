@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from loadtests.runner import (
-    Outcome,
-    Phase,
-    Slo,
-    drive,
-    load_scenario,
-    parse_rate,
-    percentile,
-    schedule,
-    summarise,
-    verdict,
-)
+from loadtests.common import Outcome, drive, percentile, summarise
+from loadtests.runner import Phase, Slo, load_scenario, parse_rate, schedule, verdict
 from tests.conftest import ROOT
 
 SLO = Slo(p99_ms=50.0, error_rate=0.01, peak_rps=200.0)
