@@ -42,10 +42,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Spawned:
+    """A gateway started by a load script: its URL and process id (for /proc when /metrics lacks RSS)."""
+
+    url: str
+    pid: int
+
+
 @contextmanager
-def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
-                    policies: Path | None = None, cpu: int | None = None) -> Iterator[str]:
-    """`gateway serve` on a free port with a throw-away state directory; yields its URL."""
+def gateway_process(token: str, extra_env: dict[str, str] | None = None,
+                    policies: Path | None = None, cpu: int | None = None) -> Iterator[Spawned]:
+    """`gateway serve` on a free port with a throw-away state directory; yields its URL and pid."""
     port = free_port()
     state = tempfile.mkdtemp(prefix="loadtest-state-")
     env = {**os.environ, "GATEWAY_STATE_DIR": state, "GATEWAY_AUDIT_DIR": state + "-audit",
@@ -68,10 +76,31 @@ def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        yield url
+        yield Spawned(url, process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
+                    policies: Path | None = None, cpu: int | None = None) -> Iterator[str]:
+    """`gateway serve` on a free port with a throw-away state directory; yields its URL."""
+    with gateway_process(token, extra_env, policies, cpu) as spawned:
+        yield spawned.url
+
+
+def v2_body(row: dict[str, Any]) -> dict[str, Any]:
+    """One row as an Open Inference Protocol v2 request: a [1, 1] tensor per feature."""
+    def datatype(value: Any) -> str:
+        if isinstance(value, bool):
+            return "BOOL"
+        if isinstance(value, int):
+            return "INT64"
+        return "FP64" if isinstance(value, float) else "BYTES"
+
+    return {"inputs": [{"name": name, "shape": [1, 1], "datatype": datatype(value), "data": [value]}
+                       for name, value in row.items()]}
 
 
 @dataclass
@@ -84,6 +113,8 @@ class Outcome:
     versions: Counter[str] = field(default_factory=Counter)
     routes: Counter[str] = field(default_factory=Counter)
     fallbacks: Counter[str] = field(default_factory=Counter)
+    timeline: Counter[tuple[int, str]] = field(default_factory=Counter)
+    """Answers by (bucket of the scheduled send time, version); see `drive`'s bucket_s."""
     scheduled: int = 0
     duration_s: float = 0.0
 
@@ -115,40 +146,47 @@ def summarise(outcome: Outcome) -> dict[str, Any]:
         "error_rate": round(failed / total, 6) if total else 0.0,
         "share_by_version": {v: round(n / answered, 4) for v, n in outcome.versions.items()} if answered else {},
         "share_fallback": round(sum(outcome.fallbacks.values()) / answered, 4) if answered else 0.0,
+        "fallback_reasons": dict(outcome.fallbacks),
     }
 
 
-async def drive(url: str, path: str, body: bytes, offsets: list[float]) -> Outcome:
+async def drive(url: str, path: str, body: bytes, offsets: list[float], outcome: Outcome | None = None,
+                start: float | None = None, bucket_s: float = 1.0) -> Outcome:
     """Send one request per offset, on time, whatever came before; measure each from its scheduled time.
 
-    aiohttp rather than httpx: on a 2-core machine the load generator must cost far less CPU than
-    the server it measures.
+    `outcome` lets a caller watch the run as it fills; `start` (event-loop time) lines the offsets
+    up with other timed work (default: 0.1 s from now); answers are also counted per version in
+    buckets of `bucket_s` seconds of scheduled time. aiohttp rather than httpx: on a 2-core
+    machine the load generator must cost far less CPU than the server it measures.
     """
     import aiohttp
 
-    outcome = Outcome(scheduled=len(offsets))
+    if outcome is None:
+        outcome = Outcome()
+    outcome.scheduled = len(offsets)
     connector = aiohttp.TCPConnector(limit=2000)
     async with aiohttp.ClientSession(base_url=url, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as client:
         loop = asyncio.get_running_loop()
-        start = loop.time() + 0.1
+        begin = loop.time() + 0.1 if start is None else start
 
         async def one(offset: float) -> None:
-            at = start + offset
+            at = begin + offset
             await asyncio.sleep(max(0.0, at - loop.time()))
             try:
                 async with client.post(path, data=body, headers={"Content-Type": "application/json"}) as answer:
                     await answer.read()
                     outcome.latencies_ms.append((loop.time() - at) * 1000)
                     outcome.statuses[answer.status] += 1
-                    outcome.versions[answer.headers.get("x-model-version", "-")] += 1
+                    version = answer.headers.get("x-model-version", "-")
+                    outcome.versions[version] += 1
+                    outcome.timeline[int(offset / bucket_s + 1e-9), version] += 1
                     outcome.routes[answer.headers.get("x-route", "-")] += 1
                     if "x-fallback" in answer.headers:
                         outcome.fallbacks[answer.headers["x-fallback"]] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.errors[type(exc).__name__] += 1
 
-        began = time.perf_counter()
         await asyncio.gather(*(one(o) for o in offsets))
-        outcome.duration_s = max(offsets[-1] if offsets else 0.0, time.perf_counter() - began - 0.1)
+        outcome.duration_s = max(offsets[-1] if offsets else 0.0, loop.time() - begin)
     return outcome

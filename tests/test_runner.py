@@ -35,7 +35,8 @@ def test_schedule_is_constant_rate_per_phase() -> None:
 def test_bundled_scenarios_load() -> None:
     for path in sorted((ROOT / "loadtests" / "scenarios").glob("*.yaml")):
         spec, phases = load_scenario(path, SLO, 0.5)
-        assert spec["model"] == "credit-risk" and phases and all(p.rate > 0 and p.seconds > 0 for p in phases)
+        assert spec.model == "credit-risk" and phases and all(p.rate > 0 and p.seconds > 0 for p in phases)
+        assert spec.name == path.stem
 
 
 def test_percentiles_are_nearest_rank() -> None:
