@@ -1,9 +1,11 @@
 """The bare comparison endpoint: FastAPI + onnxruntime and nothing else (no safety nets).
 
-    uvicorn loadtests.bare_app:app --port 8090     (MODEL_PATH env: defaults to credit-risk v1)
+    MODEL_PATH=path/to/model.onnx uvicorn loadtests.bare_app:app --port 8090   (default: credit-risk v1)
 
-Parses the v2 body into pydantic models, builds the feeds, runs the session, answers JSON. It is
-what a team would write by hand; the benchmark compares the gateway with it in the same run.
+Parses the v2 body into pydantic models, builds the feeds (each tensor reshaped to its declared
+shape, numbers as the model input's dtype), runs the session, answers every output as JSON. It is
+what a team would write by hand for any model; `loadtests.bench` compares the gateway with it in
+the same run.
 """
 
 from __future__ import annotations
@@ -41,16 +43,20 @@ options = ort.SessionOptions()
 options.intra_op_num_threads = 1
 options.inter_op_num_threads = 1
 session = ort.InferenceSession(str(MODEL), sess_options=options, providers=["CPUExecutionProvider"])
-kinds = {i.name: (object if i.type == "tensor(string)" else np.float32) for i in session.get_inputs()}
+NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+         "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(string)": object}
+DATATYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "bool": "BOOL",
+             "object": "BYTES"}
+kinds = {i.name: NUMPY[i.type] for i in session.get_inputs()}
+output_names = [o.name for o in session.get_outputs()]
 app = FastAPI()
 
 
 @app.post("/v2/models/{name}/infer")
 def infer(name: str, request: InferRequest) -> dict[str, Any]:
-    """session.run on the request's tensors, answered as JSON."""
-    feeds = {t.name: np.array(t.data, dtype=kinds[t.name]).reshape(-1, 1) for t in request.inputs}
-    label, probabilities = session.run(None, feeds)
+    """session.run on the request's tensors, every output answered as JSON."""
+    feeds = {t.name: np.array(t.data, dtype=kinds[t.name]).reshape(t.shape) for t in request.inputs}
+    results = session.run(None, feeds)
     return {"model_name": name, "id": request.id, "outputs": [
-        {"name": "label", "shape": list(label.shape), "datatype": "INT64", "data": label.tolist()},
-        {"name": "probabilities", "shape": list(probabilities.shape), "datatype": "FP32",
-         "data": probabilities.ravel().tolist()}]}
+        {"name": output, "shape": list(value.shape), "datatype": DATATYPES[str(value.dtype)],
+         "data": value.ravel().tolist()} for output, value in zip(output_names, results, strict=True)]}
