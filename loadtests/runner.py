@@ -167,11 +167,12 @@ def _proc_rss(pid: int) -> int | None:
 async def sample_rss(client: httpx.AsyncClient, pid: int | None, run: Run, start: float) -> None:
     """One resident-memory sample: /metrics `process_resident_memory_bytes`, else /proc/PID/status."""
     value: int | None = None
-    try:
-        value = parse_rss((await client.get("/metrics")).text)
-    except httpx.HTTPError:
-        value = None
     source = "metrics"
+    if run.rss_source in (None, source):  # once /metrics lacked it, go straight to /proc
+        try:
+            value = parse_rss((await client.get("/metrics")).text)
+        except httpx.HTTPError:
+            value = None
     if value is None and pid is not None:
         value, source = _proc_rss(pid), f"/proc/{pid}/status"
     if value is not None:
