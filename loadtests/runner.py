@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                              "actions")
     parser.add_argument("--pid", type=int, help="process id of the --url gateway, to read RSS from /proc when its "
                                                 "/metrics has no process_resident_memory_bytes")
-    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="directory for NAME.json and NAME.md")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every duration (phases, action times, RSS warm-up)")
     parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply every phase's rate")
