@@ -19,6 +19,7 @@ from gateway.api import admin, health, inference
 from gateway.api import monitoring as monitoring_api
 from gateway.api import repository as repository_api
 from gateway.api.auth import TokenBook
+from gateway.api.body import ClientGone
 from gateway.api.errors import json_response
 from gateway.audit import AuditWriter, Redactor
 from gateway.control import ReleaseControl
@@ -149,6 +150,7 @@ class Gateway:
     def close(self) -> None:
         """Stop the worker threads (after in-flight runs finish) and close the audit file."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.pipeline.inline.close()
         self.audit.close_now()
 
 
@@ -168,7 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
     app.include_router(health.router)
-    app.include_router(inference.router)
+    app.add_middleware(inference.InferenceEndpoints, gateway=gateway)
     app.include_router(admin.router)
     app.include_router(repository_api.router)
     app.include_router(monitoring_api.router)
@@ -181,6 +183,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def request_error(request: Request, exc: RequestValidationError) -> Response:
         return json_response({"error": "invalid request", "violations": exc.errors()}, 400)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=400)  # nobody is left to read it
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

@@ -65,20 +65,23 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
             raise MalformedRequest([_malformed("Inference-Header-Content-Length",
                                                f"at most the body length {len(body)}", str(header_length))])
         body, binary = body[:header_length], body[header_length:]
-    try:
-        request = InferenceRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise MalformedRequest([_pydantic_violation(e) for e in exc.errors()]) from None
+    request = _well_formed_v2(body)
+    if request is None:  # something is off: let the wire model say exactly what (or coerce it)
+        try:
+            request = InferenceRequest.model_validate_json(body).model_dump()
+        except ValidationError as exc:
+            raise MalformedRequest([_pydantic_violation(e) for e in exc.errors()]) from None
 
     problems: list[Violation] = []
     columns: dict[str, Column] = {}
     offset = 0
-    for i, tensor in enumerate(request.inputs):
-        where = f"inputs[{i}] ({tensor.name})"
+    for i, tensor in enumerate(request["inputs"]):
+        name, datatype, shape, data = tensor["name"], tensor["datatype"], tensor["shape"], tensor.get("data")
+        where = f"inputs[{i}] ({name})"
         raw: memoryview | None = None
-        if tensor.data is None:
+        if data is None:
             # Take this tensor's bytes first, so a tensor rejected below cannot shift the next ones.
-            size = (tensor.parameters or {}).get("binary_data_size")
+            size = (tensor.get("parameters") or {}).get("binary_data_size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 problems.append(_malformed(where, "`data`, or binary data with a binary_data_size parameter",
                                            "neither"))
@@ -90,45 +93,87 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
                 continue
             raw = memoryview(binary)[offset:offset + size]
             offset += size
-        if tensor.name in columns:
+        if name in columns:
             problems.append(_malformed(where, "each input named once", "a second tensor of that name"))
             continue
-        if tensor.datatype not in NUMPY_DTYPES:
-            problems.append(Violation(where, "datatype", f"one of {', '.join(NUMPY_DTYPES)}",
-                                      repr(tensor.datatype)))
+        if datatype not in NUMPY_DTYPES:
+            problems.append(Violation(where, "datatype", f"one of {', '.join(NUMPY_DTYPES)}", repr(datatype)))
             continue
-        count = math.prod(tensor.shape)
+        count = math.prod(shape)
         values: list[Any] | np.ndarray
         if raw is not None:
             try:
-                values = decode_binary(raw, tensor.datatype, count)
+                values = decode_binary(raw, datatype, count)
             except BinaryDataError as exc:
-                problems.append(_malformed(where, f"binary data for shape {tensor.shape}", str(exc)))
+                problems.append(_malformed(where, f"binary data for shape {shape}", str(exc)))
                 continue
         else:
-            values = flatten(tensor.data or [])
+            values = flatten(data)
             if len(values) != count:
-                problems.append(Violation(where, "shape", f"{count} values for shape {tensor.shape}",
+                problems.append(Violation(where, "shape", f"{count} values for shape {shape}",
                                           f"{len(values)} values"))
                 continue
-        columns[tensor.name] = Column(tensor.name, values, tuple(tensor.shape), tensor.datatype)
+        columns[name] = Column(name, values, tuple(shape), datatype)
     if offset != len(binary):
         problems.append(_malformed("body", f"{offset} bytes of binary data after the JSON header",
                                    f"{len(binary)} bytes"))
     if problems:
         raise MalformedRequest(problems)
 
-    default_binary = (request.parameters or {}).get("binary_data_output") is True
+    parameters = request.get("parameters") or {}
+    default_binary = parameters.get("binary_data_output") is True
     outputs = None
     binary_outputs: set[str] = set()
-    if request.outputs:
-        outputs = [o.name for o in request.outputs]
-        for o in request.outputs:
-            flag = (o.parameters or {}).get("binary_data")
+    if request.get("outputs"):
+        outputs = [o["name"] for o in request["outputs"]]
+        for o in request["outputs"]:
+            flag = (o.get("parameters") or {}).get("binary_data")
             if flag is True or (flag is None and default_binary):
-                binary_outputs.add(o.name)
-    return DecodedRequest(columns, request.id, outputs, binary_outputs, default_binary,
-                          _timeout_ms(request.parameters or {}))
+                binary_outputs.add(o["name"])
+    return DecodedRequest(columns, request.get("id"), outputs, binary_outputs, default_binary,
+                          _timeout_ms(parameters))
+
+
+_SCALARS = (str, int, float, bool, type(None))
+_MAX_DIM = 2**63 - 1
+
+
+def _well_formed_v2(body: bytes) -> dict[str, Any] | None:
+    """The body as plain JSON when it is exactly what the wire model accepts without coercion, else None.
+
+    Most requests are well formed; checking them by hand costs a fraction of building the pydantic
+    models. Anything unusual (a NaN literal, a "3" for a dimension, a wrong type) returns None so
+    the wire model decides, with its precise messages; the two paths accept the same requests.
+    """
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(request) is not dict or type(request.get("inputs")) is not list:
+        return None
+    if type(request.get("id", "")) not in (str, type(None)) or not _parameters_ok(request.get("parameters")):
+        return None
+    for tensor in request["inputs"]:
+        if (type(tensor) is not dict or type(tensor.get("name")) is not str or type(tensor.get("datatype")) is not str
+                or type(tensor.get("shape")) is not list or type(tensor.get("data", [])) not in (list, type(None))
+                or not _parameters_ok(tensor.get("parameters"))):
+            return None
+        for dim in tensor["shape"]:
+            if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
+                return None
+    outputs = request.get("outputs")
+    if outputs is not None:
+        if type(outputs) is not list:
+            return None
+        for output in outputs:
+            if type(output) is not dict or type(output.get("name")) is not str or not _parameters_ok(
+                    output.get("parameters")):
+                return None
+    return request
+
+
+def _parameters_ok(parameters: Any) -> bool:
+    return parameters is None or (type(parameters) is dict and all(type(v) in _SCALARS for v in parameters.values()))
 
 
 def _timeout_ms(parameters: dict[str, Any]) -> float | None:

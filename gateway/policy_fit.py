@@ -60,7 +60,18 @@ def policy_misfits(policy: Policy, signature: Signature, score: ScoreSpec | None
     for target in sorted(inputs.keys() - covered):
         found.append(Misfit(("schema", "features"), f"model input {target!r} has no feature in the policy; it is "
                                                     "checked against the signature only", error=False))
-    return found + _fallback_misfits(policy, signature, score)
+    return found + _fallback_misfits(policy, signature, score) + _batching_misfits(policy, signature)
+
+
+def _batching_misfits(policy: Policy, signature: Signature) -> list[Misfit]:
+    """Batching stacks requests along the first dimension, so every tensor must have a variable one."""
+    if policy.batching is None:
+        return []
+    fixed = [f"{t.name} {t.shape}" for t in (*signature.inputs, *signature.outputs) if not t.shape or t.shape[0] != -1]
+    if not fixed:
+        return []
+    return [Misfit(("batching",), "batching needs a variable first (batch) dimension on every input and output; "
+                                  f"fixed: {', '.join(fixed)}")]
 
 
 def _fallback_misfits(policy: Policy, signature: Signature, score: ScoreSpec | None) -> list[Misfit]:

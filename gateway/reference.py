@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 
 from gateway.policy import (
     Audit,
+    Batching,
     Breaker,
     Canary,
     Drift,
@@ -49,6 +50,7 @@ POLICY_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("routing.sticky_key", StickyKey),
     ("guard", Guard),
     ("guard.breaker", Breaker),
+    ("batching", Batching),
     ("fallback", Fallback),
     ("fallback.rules[]", FallbackRule),
     ("fallback.low_confidence", LowConfidence),

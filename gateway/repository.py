@@ -62,7 +62,8 @@ class ModelVersion:
         """JSON-ready description for status endpoints."""
         return {"version": self.version, "state": self.state, "reason": self.reason or None,
                 "sha256": self.sha256 or None, "load_ms": round(self.load_ms, 1),
-                "golden_checked": self.golden_checked}
+                "golden_checked": self.golden_checked,
+                "run_ms": round(self.model.run_ms, 4) if self.model is not None and self.model.run_ms else None}
 
 
 def version_key(version: str) -> tuple[int, int, str]:
@@ -176,7 +177,9 @@ def _signature_mismatch(declared: Signature, actual: Signature) -> str:
 def _warm_up(model: OnnxModel, golden: list[GoldenExample]) -> int:
     """Run the session once (first runs allocate), and check the card's golden examples reproduce."""
     try:
-        model.run(_zero_feeds(model.signature))
+        zero = _zero_feeds(model.signature)
+        model.run(zero)
+        model.measure(zero)  # decides whether `guard.execution: auto` runs it inline
         if not golden:
             return 0
         outputs = model.run(_golden_feeds(model.signature, golden))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 #: model label for requests naming a model that is not served (keeps label cardinality bounded)
@@ -23,6 +24,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         self.requests = Counter(
             "gateway_requests", "Inference requests by model, attempted version, route, protocol and outcome.",
             ["model", "version", "route", "protocol", "outcome"], registry=self.registry)
@@ -124,6 +126,21 @@ class Metrics:
             ["model"], registry=self.registry)
         self.policy_problems = Gauge(
             "gateway_policy_problems", "Policy files rejected at the last load.", registry=self.registry)
+        # `labels()` hashes and locks on every call; an answer touches three series whose label
+        # sets are few (served models x versions x routes x protocols x outcomes), so keep them.
+        self._answer_series: dict[tuple[str, str, str, str, str], tuple[Any, Any, Any]] = {}
+
+    def record_answer(self, model: str, version: str, route: str, protocol: str, outcome: str,
+                      seconds: float, rows: int) -> None:
+        """Count an answered request, observe its latency and count its rows."""
+        key = (model, version, route, protocol, outcome)
+        series = self._answer_series.get(key)
+        if series is None:
+            series = self._answer_series[key] = (self.requests.labels(*key), self.latency.labels(model, version),
+                                                 self.rows.labels(model, version))
+        series[0].inc()
+        series[1].observe(seconds)
+        series[2].inc(rows)
 
     def breaker_changed(self, name: str, old: str, new: str) -> None:
         """Listener for breaker transitions (`name` is `model/version`)."""
@@ -133,6 +150,7 @@ class Metrics:
 
     def forget_version(self, model: str, version: str) -> None:
         """Stop exporting per-version series of a version that no longer serves (no stale alerts)."""
+        self._answer_series.clear()
         for family in (self.breaker_state, self.prediction_null_ratio, self.drift_window_rows, self.outcome_state):
             with contextlib.suppress(KeyError):
                 family.remove(model, version)

@@ -120,6 +120,20 @@ def repo_copy(tmp_path: Path) -> tuple[Path, Path]:
     return models, policies
 
 
+def patch_policy(policies: Path, model: str, **sections: Any) -> None:
+    """Merge top-level `sections` into a copied policy file (e.g. guard={...}); comments are lost."""
+    import yaml
+
+    path = policies / f"{model}.yaml"
+    document = yaml.safe_load(path.read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict):
+            document[key] = {**document[key], **value}
+        else:
+            document[key] = value
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
 def make_client(models: Path = MODELS, policies: Path = POLICIES, **settings: Any) -> TestClient:
     """An in-process client (lifespan runs on enter) for an app over the given repository."""
     settings.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="gateway-state-")))

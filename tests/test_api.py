@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import MODEL, good_row, make_client, v2_body
+from tests.conftest import MODEL, good_row, make_client, patch_policy, v2_body
 
 
 def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -102,11 +102,13 @@ def test_an_empty_repository_is_live_but_not_ready(tmp_path: Path) -> None:
         assert "no models" in ready.json()["error"]
 
 
-def test_a_slow_inference_does_not_block_other_requests() -> None:
+def test_a_slow_inference_does_not_block_other_requests(repo_copy: tuple[Path, Path]) -> None:
     """While one request's model run is held in its worker thread, the loop keeps answering."""
+    models, policies = repo_copy
+    patch_policy(policies, MODEL, guard={"execution": "thread"})
 
     async def scenario() -> None:
-        app = create_app(Settings(models_dir=Path("models"), policies_dir=Path("policies"),
+        app = create_app(Settings(models_dir=models, policies_dir=policies,
                                   state_dir=Path(tempfile.mkdtemp(prefix="gateway-state-")),
                                   audit_dir=Path(tempfile.mkdtemp(prefix="gateway-audit-"))))
         gateway = app.state.gateway

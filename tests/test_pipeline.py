@@ -13,7 +13,7 @@ import yaml
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import MODEL, good_row, make_client, v2_body
+from tests.conftest import MODEL, good_row, make_client, patch_policy, v2_body
 
 
 def policy_copy(repo_copy: tuple[Path, Path], **changes: Any) -> tuple[Path, Path]:
@@ -78,8 +78,10 @@ def test_malformed_client_deadlines_are_400(client: Any, headers: dict[str, str]
 
 async def _held_app(repo_copy: tuple[Path, Path], **settings: Any) -> tuple[Any, threading.Event, threading.Event]:
     """A loaded app whose stable version's runs block until released (a hang injected on purpose),
-    with the events `entered` (a run started) and `release`."""
+    with the events `entered` (a run started) and `release`. The hang is a Python-level one, which
+    only a worker thread can be walked away from, so the version runs on the pool."""
     models, policies = repo_copy
+    patch_policy(policies, MODEL, guard={"execution": "thread"})
     app = create_app(Settings(models_dir=models, policies_dir=policies, state_dir=policies.parent / "state",
                               audit_dir=policies.parent / "audit", **settings))
     entered, release = threading.Event(), threading.Event()

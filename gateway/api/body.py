@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
 
 from starlette.requests import Request
 
@@ -12,9 +14,20 @@ from gateway.errors import MalformedRequest, RequestTooLarge, UnsupportedEncodin
 DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or RequestTooLarge as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
+    """The whole body of a Starlette request (see `receive_body`)."""
+    return await receive_body(request.receive, request.headers, limit)
+
+
+async def receive_body(receive: Callable[[], Awaitable[MutableMapping[str, Any]]], headers: Mapping[str, str],
+                       limit: int) -> bytes:
+    """The whole (inflated) body from ASGI `receive`, or RequestTooLarge as soon as it is known to
+    exceed `limit` bytes; ClientGone if the client disconnects first. `headers` have lower-case names."""
+    declared = headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise MalformedRequest([Violation("Content-Length", "malformed", "a byte count", repr(declared))])
@@ -22,13 +35,19 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestTooLarge(f"request body is {int(declared)} bytes; the limit is {limit} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("client disconnected while sending the body")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
         return body
     if encoding not in DECODERS:
@@ -50,9 +69,9 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def header_length(request: Request) -> int | None:
-    """The binary data extension's Inference-Header-Content-Length, if given."""
-    value = request.headers.get("inference-header-content-length")
+def header_length(headers: Mapping[str, str]) -> int | None:
+    """The binary data extension's Inference-Header-Content-Length, if given (lower-case names)."""
+    value = headers.get("inference-header-content-length")
     if value is None:
         return None
     if not value.strip().isdigit():

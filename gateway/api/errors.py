@@ -55,11 +55,17 @@ def json_response(payload: object, status: int = 200, headers: dict[str, str] | 
                     media_type="application/json")
 
 
-def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
-    """`{"error": "..."}` with the listed violations, under the status the table gives."""
+def error_payload(error: GatewayError) -> tuple[int, bytes]:
+    """The status the table gives and the JSON body: `{"error": "..."}` with the listed violations."""
     status, _ = status_of(error)
     body: dict[str, object] = {"error": error.message}
     if isinstance(error, ViolationError):
         body["violations"] = [v.as_dict() for v in error.violations.items]
         body["violation_count"] = error.violations.total
-    return json_response(body, status, headers)
+    return status, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """`error_payload` as a Starlette response."""
+    status, body = error_payload(error)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")

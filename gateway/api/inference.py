@@ -1,21 +1,27 @@
-"""Inference routes: Open Inference Protocol v2 and KServe v1."""
+"""Inference endpoints (OIP v2 and KServe v1) as a raw ASGI layer in front of the FastAPI app.
+
+These four routes carry nearly all the traffic, so they skip the framework's per-request work
+(request objects, routing tables, dependency solving, exception middleware): the path is matched
+with one regular expression, the body is read straight from `receive`, and the answer leaves as
+two ASGI messages. Every other route (health, metadata, admin, ...) falls through to FastAPI.
+Behaviour is the framework's: same statuses, bodies and headers; an unexpected exception still
+reaches the app's error handler (500 JSON, logged with its stack).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import APIRouter
+import orjson
 from opentelemetry.trace import SpanKind
-from starlette.requests import Request
-from starlette.responses import Response
 
-from gateway.api.body import header_length, read_body
-from gateway.api.errors import error_response, status_of
+from gateway.api.body import ClientGone, header_length, receive_body
+from gateway.api.errors import error_payload, status_of
 from gateway.audit import AuditFull
 from gateway.codec import Answer, DecodedRequest, decode_v1, decode_v2, encode_v1, encode_v2, positive_ms
 from gateway.errors import GatewayError, SchemaViolation, Unavailable
@@ -27,30 +33,168 @@ from gateway.tracing import Span, incoming_context, trace_id
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-router = APIRouter()
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = dict[str, str]
+
+#: the same paths FastAPI routes would match (`{model}` and `{version}` are one path segment each)
+V2_PATH = re.compile(r"/v2/models/([^/]+?)(?:/versions/([^/]+))?/infer")
+V1_PATH = re.compile(r"/v1/models/([^/]+?)(?:/versions/([^/]+?))?:predict")
 
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,128}")
+_JSON = b"application/json"
+_BINARY = b"application/octet-stream"
 
-Decode = Callable[[bytes, Request], DecodedRequest]
-Encode = Callable[[Answer, DecodedRequest], tuple[bytes, dict[str, str], str]]
-
-
-def _decode_v2(body: bytes, request: Request) -> DecodedRequest:
-    return decode_v2(body, header_length(request))
+Decode = Callable[[bytes, Headers], DecodedRequest]
+Encode = Callable[[Answer, DecodedRequest], tuple[bytes, dict[str, str], bytes]]
 
 
-def _encode_v2(answer: Answer, decoded: DecodedRequest) -> tuple[bytes, dict[str, str], str]:
+def _decode_v2(body: bytes, headers: Headers) -> DecodedRequest:
+    return decode_v2(body, header_length(headers))
+
+
+def _encode_v2(answer: Answer, decoded: DecodedRequest) -> tuple[bytes, dict[str, str], bytes]:
     body, headers = encode_v2(answer, decoded)
-    media = "application/octet-stream" if headers else "application/json"
-    return body, headers, media
+    return body, headers, _BINARY if headers else _JSON
 
 
-def _decode_v1(body: bytes, request: Request) -> DecodedRequest:
+def _decode_v1(body: bytes, headers: Headers) -> DecodedRequest:
     return decode_v1(body)
 
 
-def _encode_v1(answer: Answer, decoded: DecodedRequest) -> tuple[bytes, dict[str, str], str]:
-    return encode_v1(answer), {}, "application/json"
+def _encode_v1(answer: Answer, decoded: DecodedRequest) -> tuple[bytes, dict[str, str], bytes]:
+    return encode_v1(answer), {}, _JSON
+
+
+class Reply:
+    """A finished answer: status, body, media type and extra headers."""
+
+    __slots__ = ("body", "headers", "media", "status")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None, media: bytes = _JSON) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else {}
+        self.media = media
+
+    async def send(self, send: Send) -> None:
+        """Send as one response (two ASGI messages)."""
+        raw = [(b"content-type", self.media), (b"content-length", str(len(self.body)).encode())]
+        raw += [(name.lower().encode(), value.encode("latin-1")) for name, value in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class InferenceEndpoints:
+    """ASGI middleware answering POSTs to the inference paths; everything else goes to `app`."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            match = None
+            if path.endswith("/infer"):
+                match, protocol, decode, encode = V2_PATH.fullmatch(path), "v2", _decode_v2, _encode_v2
+            elif path.endswith(":predict"):
+                match, protocol, decode, encode = V1_PATH.fullmatch(path), "v1", _decode_v1, _encode_v1
+            if match is not None:
+                if scope["method"] != "POST":
+                    message = f"method {scope['method']} is not allowed on {path}; use POST"
+                    return await Reply(405, orjson.dumps({"error": message}), {"Allow": "POST"}).send(send)
+                return await self._handle(scope, receive, send, protocol, match, decode, encode)
+        await self.app(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, protocol: str, match: re.Match[str],
+                      decode: Decode, encode: Encode) -> None:
+        # first occurrence wins, as with Starlette's Headers.get; names arrive lower-cased
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
+        try:
+            reply = await self._serve(receive, headers, protocol, match.group(1), match.group(2), decode, encode)
+        except ClientGone:
+            return  # nobody to answer
+        await reply.send(send)
+
+    async def _serve(self, receive: Receive, headers: Headers, protocol: str, model: str, version: str | None,
+                     decode: Decode, encode: Encode) -> Reply:
+        """One span per request (joining the caller's trace), its id in `X-Trace-Id`."""
+        gateway = self.gateway
+        with gateway.tracer.start_as_current_span(f"{protocol} infer", context=incoming_context(headers),
+                                                  kind=SpanKind.SERVER) as span:
+            reply = await self._serve_in_span(receive, headers, protocol, model, version, decode, encode, span)
+            if span.is_recording():
+                span.set_attribute("gateway.model", model)
+                span.set_attribute("gateway.protocol", protocol)
+                span.set_attribute("http.response.status_code", reply.status)
+                for header, attribute in (("X-Model-Version", "gateway.version"), ("X-Route", "gateway.route"),
+                                          ("X-Fallback", "gateway.fallback_reason")):
+                    if header in reply.headers:
+                        span.set_attribute(attribute, reply.headers[header])
+            reply.headers["X-Trace-Id"] = trace_id(span)
+            return reply
+
+    async def _serve_in_span(self, receive: Receive, headers: Headers, protocol: str, model: str,
+                             version: str | None, decode: Decode, encode: Encode, span: Span) -> Reply:
+        """Read, decode, run the pipeline, encode; record the outcome of every request once."""
+        gateway = self.gateway
+        metrics = gateway.metrics
+        started = time.perf_counter()
+        served_model = gateway.snapshot.models.get(model)
+        label = model if served_model is not None else UNKNOWN_MODEL
+        version_label = _version_label(served_model, version)
+        request_id = headers.get("x-request-id")
+        arrived = asyncio.get_running_loop().time()
+        try:
+            body = await receive_body(receive, headers, gateway.settings.max_body_bytes)
+            decoded = decode(body, headers)
+            header_timeout = headers.get("x-timeout-ms")
+            timeout_ms = positive_ms(header_timeout, "X-Timeout-Ms") if header_timeout is not None else None
+            if decoded.timeout_ms is not None:
+                timeout_ms = decoded.timeout_ms if timeout_ms is None else min(timeout_ms, decoded.timeout_ms)
+            call = InferenceCall(model, version, decoded.columns, decoded.outputs,
+                                 decoded.id if decoded.id is not None else request_id, arrived, timeout_ms,
+                                 headers)
+            answer, batch = await gateway.pipeline.infer(call)
+        except GatewayError as exc:
+            _, outcome = status_of(exc)
+            metrics.requests.labels(label, version_label, "pinned" if version else "", protocol, outcome).inc()
+            if isinstance(exc, SchemaViolation) and label != UNKNOWN_MODEL:
+                for reason, count in exc.violations.by_reason.items():
+                    metrics.validation_failures.labels(label, reason).inc(count)
+            status, payload = error_payload(exc)
+            return Reply(status, payload, {"X-Request-Id": request_id} if request_id else None)
+        except ClientGone:
+            raise
+        except Exception as exc:
+            metrics.requests.labels(label, version_label, "pinned" if version else "", protocol, "error").inc()
+            span.record_exception(exc)
+            raise  # the app's handler logs it with the stack and answers 500 JSON
+
+        refusal = await _audit(gateway, model, answer, decoded, span, started)
+        if refusal is not None:
+            return refusal
+        payload, extra, media = encode(answer, decoded)
+        parameters = answer.parameters
+        route = str(parameters["route"])  # stable, canary, pinned or fallback
+        extra["X-Model-Version"] = answer.version
+        if _HEADER_SAFE.fullmatch(answer.request_id):  # the body always echoes it; headers only if it is safe
+            extra["X-Request-Id"] = answer.request_id
+        extra["X-Route"] = route
+        attempted = str(parameters.get("attempted_version", answer.version))  # a fallback names what it stood in for
+        fallback_reason = parameters.get("fallback_reason")
+        if fallback_reason is not None:
+            extra["X-Fallback"] = str(fallback_reason)
+            metrics.fallbacks.labels(label, attempted, str(fallback_reason)).inc()
+        outcome = "fallback" if parameters.get("fallback") else "ok"
+        metrics.record_answer(label, attempted, route, protocol, outcome, time.perf_counter() - started, answer.rows)
+        if batch.ignored_fields:
+            metrics.ignored_fields.labels(label).inc(len(batch.ignored_fields))
+        return Reply(200, payload, extra, media)
 
 
 def _version_label(model: ServedModel | None, version: str | None) -> str:
@@ -60,84 +204,8 @@ def _version_label(model: ServedModel | None, version: str | None) -> str:
     return version if model is not None and version in model.versions else UNKNOWN_MODEL
 
 
-async def _serve(request: Request, protocol: str, model: str, version: str | None,
-                 decode: Decode, encode: Encode) -> Response:
-    """One span per request (joining the caller's trace), its id in `X-Trace-Id`."""
-    gateway: Gateway = request.app.state.gateway
-    with gateway.tracer.start_as_current_span(f"{protocol} infer", context=incoming_context(request.headers),
-                                              kind=SpanKind.SERVER) as span:
-        span.set_attribute("gateway.model", model)
-        span.set_attribute("gateway.protocol", protocol)
-        response = await _serve_in_span(request, protocol, model, version, decode, encode, span)
-        span.set_attribute("http.response.status_code", response.status_code)
-        for header, attribute in (("x-model-version", "gateway.version"), ("x-route", "gateway.route"),
-                                  ("x-fallback", "gateway.fallback_reason")):
-            if header in response.headers:
-                span.set_attribute(attribute, response.headers[header])
-        response.headers["X-Trace-Id"] = trace_id(span)
-        return response
-
-
-async def _serve_in_span(request: Request, protocol: str, model: str, version: str | None,
-                         decode: Decode, encode: Encode, span: Span) -> Response:
-    """Read, decode, run the pipeline, encode; record the outcome of every request once."""
-    gateway: Gateway = request.app.state.gateway
-    metrics = gateway.metrics
-    started = time.perf_counter()
-    served_model = gateway.snapshot.models.get(model)
-    label = model if served_model is not None else UNKNOWN_MODEL
-    version_label = _version_label(served_model, version)
-    request_id = request.headers.get("x-request-id")
-    arrived = asyncio.get_running_loop().time()
-    try:
-        body = await read_body(request, gateway.settings.max_body_bytes)
-        decoded = decode(body, request)
-        header_timeout = request.headers.get("x-timeout-ms")
-        timeout_ms = positive_ms(header_timeout, "X-Timeout-Ms") if header_timeout is not None else None
-        if decoded.timeout_ms is not None:
-            timeout_ms = decoded.timeout_ms if timeout_ms is None else min(timeout_ms, decoded.timeout_ms)
-        call = InferenceCall(model, version, decoded.columns, decoded.outputs,
-                             decoded.id if decoded.id is not None else request_id, arrived, timeout_ms,
-                             request.headers)
-        answer, batch = await gateway.pipeline.infer(call)
-    except GatewayError as exc:
-        _, outcome = status_of(exc)
-        metrics.requests.labels(label, version_label, "pinned" if version else "", protocol, outcome).inc()
-        if isinstance(exc, SchemaViolation) and label != UNKNOWN_MODEL:
-            for reason, count in exc.violations.by_reason.items():
-                metrics.validation_failures.labels(label, reason).inc(count)
-        headers = {"X-Request-Id": request_id} if request_id else None
-        return error_response(exc, headers)
-    except Exception as exc:
-        metrics.requests.labels(label, version_label, "pinned" if version else "", protocol, "error").inc()
-        span.record_exception(exc)
-        raise  # the app's handler logs it with the stack and answers 500 JSON
-
-    refusal = await _audit(gateway, model, answer, decoded, span, started)
-    if refusal is not None:
-        return refusal
-    payload, headers, media = encode(answer, decoded)
-    headers["X-Model-Version"] = answer.version
-    if _HEADER_SAFE.fullmatch(answer.request_id):  # the body always echoes it; headers only if it is safe
-        headers["X-Request-Id"] = answer.request_id
-    headers["X-Route"] = str(answer.parameters["route"])  # stable, canary, pinned or fallback
-    route = str(answer.parameters["route"])
-    attempted = str(answer.parameters.get("attempted_version", answer.version))  # a fallback names what it stood in for
-    fallback_reason = answer.parameters.get("fallback_reason")
-    if fallback_reason is not None:
-        headers["X-Fallback"] = str(fallback_reason)
-        metrics.fallbacks.labels(label, attempted, str(fallback_reason)).inc()
-    outcome = "fallback" if answer.parameters.get("fallback") else "ok"
-    metrics.requests.labels(label, attempted, route, protocol, outcome).inc()
-    metrics.latency.labels(label, attempted).observe(time.perf_counter() - started)
-    metrics.rows.labels(label, attempted).inc(answer.rows)
-    if batch.ignored_fields:
-        metrics.ignored_fields.labels(label).inc(len(batch.ignored_fields))
-    return Response(payload, media_type=media, headers=headers)
-
-
 async def _audit(gateway: Gateway, model: str, answer: Answer, decoded: DecodedRequest, span: Span,
-                 started: float) -> Response | None:
+                 started: float) -> Reply | None:
     """Record the answer in the audit log before it leaves; a 503 instead when the log is full and the
     policy says `reject` (nothing is answered unrecorded)."""
     served = gateway.snapshot.models.get(model)
@@ -163,7 +231,8 @@ async def _audit(gateway: Gateway, model: str, answer: Answer, decoded: DecodedR
             gateway.metrics.audit_records.labels("dropped").inc()
     except AuditFull as exc:
         gateway.metrics.audit_records.labels("rejected").inc()
-        return error_response(Unavailable(f"{exc}; the answer was withheld (audit.on_full: reject)"))
+        status, payload = error_payload(Unavailable(f"{exc}; the answer was withheld (audit.on_full: reject)"))
+        return Reply(status, payload)
     return None
 
 
@@ -174,25 +243,4 @@ def _plain(values: Any) -> Any:
     return values
 
 
-@router.post("/v2/models/{model}/infer")
-async def infer_v2(model: str, request: Request) -> Response:
-    """OIP v2 inference on the model's current version."""
-    return await _serve(request, "v2", model, None, _decode_v2, _encode_v2)
-
-
-@router.post("/v2/models/{model}/versions/{version}/infer")
-async def infer_v2_version(model: str, version: str, request: Request) -> Response:
-    """OIP v2 inference pinned to one version."""
-    return await _serve(request, "v2", model, version, _decode_v2, _encode_v2)
-
-
-@router.post("/v1/models/{model}:predict")
-async def predict_v1(model: str, request: Request) -> Response:
-    """KServe v1 prediction: `{"instances": [{feature: value, ...}, ...]}`."""
-    return await _serve(request, "v1", model, None, _decode_v1, _encode_v1)
-
-
-@router.post("/v1/models/{model}/versions/{version}:predict")
-async def predict_v1_version(model: str, version: str, request: Request) -> Response:
-    """KServe v1 prediction pinned to one version."""
-    return await _serve(request, "v1", model, version, _decode_v1, _encode_v1)
+__all__ = ["InferenceEndpoints", "Reply"]
