@@ -304,6 +304,16 @@ def test_markdown_report() -> None:
             assert len({row.count("|") for row in rows}) == 1, block
 
 
+def test_floor_is_the_best_round() -> None:
+    quiet = {"batch1_calls_per_s": 2900.0, "batch1_us_per_call": 344.8, "batch32_us_per_row": 30.0,
+             "batch32_rows_per_s": 33333.3}
+    busy = {"batch1_calls_per_s": 6.4, "batch1_us_per_call": 155476.5, "batch32_us_per_row": 19.1,
+            "batch32_rows_per_s": 52515.0}
+    assert bench.best_floor([busy, quiet]) == {"batch1_calls_per_s": 2900.0, "batch1_us_per_call": 344.8,
+                                               "batch32_us_per_row": 19.1, "batch32_rows_per_s": 52515.0}
+    assert bench.best_floor([]) == {}
+
+
 def test_json_ready_replaces_nan() -> None:
     assert bench.json_ready({"a": [math.nan, 1.0, math.inf], "b": (2, "x")}) == {"a": [None, 1.0, None], "b": [2, "x"]}
 
