@@ -36,7 +36,7 @@ from gateway.shadow import ShadowMirror
 from gateway.state import StateStore
 from gateway.stats import TrafficStats
 from gateway.telemetry import BREAKER_CODES, Metrics
-from gateway.tracing import make_tracer
+from gateway.tracing import make_tracer, never_sampled
 
 log = logging.getLogger("gateway")
 
@@ -61,6 +61,8 @@ class Gateway:
                                    audit=lambda record: self.audit.submit(record, "block"))
         self.monitor = Monitoring(lambda: self.snapshot, self.metrics)
         self.tracer, self.tracer_provider = make_tracer(settings.trace_exporter, settings.trace_sample_ratio)
+        self.trace_roots = not never_sampled(settings.trace_exporter, settings.trace_sample_ratio)
+        """Whether requests without a caller's trace context may be recorded (else they skip the SDK)."""
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
                                           self.stats, self.shadow, monitor=self.monitor, tracer=self.tracer)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)

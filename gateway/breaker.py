@@ -104,6 +104,8 @@ class AsyncBreaker:
             self._trial_in_flight = False
         elif ticket.epoch != self._epoch or self.state != CLOSED:
             return  # admitted before a trip: stale news; trials decide from there on
+        elif error is None and self.breaker.fail_counter == 0:
+            return  # a success with no failures counted changes nothing: skip pybreaker's lock
         try:
             self.breaker.call(_replay, error)
         except pybreaker.CircuitBreakerError:

@@ -66,6 +66,10 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
                                                f"at most the body length {len(body)}", str(header_length))])
         body, binary = body[:header_length], body[header_length:]
     request = _well_formed_v2(body)
+    if request is not None and not binary:
+        plain = _plain_columns(request["inputs"])
+        if plain is not None:
+            return _decoded(request, plain)
     if request is None:  # something is off: let the wire model say exactly what (or coerce it)
         try:
             request = InferenceRequest.model_validate_json(body).model_dump()
@@ -120,6 +124,28 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
     if problems:
         raise MalformedRequest(problems)
 
+    return _decoded(request, columns)
+
+
+def _plain_columns(inputs: list[dict[str, Any]]) -> dict[str, Column] | None:
+    """Columns of well-formed JSON tensors with flat data of the right length, in one pass; None
+    for anything else (binary data, nested data, a count mismatch...), which the full loop handles."""
+    columns: dict[str, Column] = {}
+    for tensor in inputs:
+        name, datatype, shape, data = tensor["name"], tensor["datatype"], tensor["shape"], tensor.get("data")
+        if type(data) is not list or datatype not in NUMPY_DTYPES or name in columns:
+            return None
+        count = 1
+        for dim in shape:
+            count *= dim
+        if len(data) != count or list in map(type, data):
+            return None
+        columns[name] = Column(name, data, tuple(shape), datatype)
+    return columns
+
+
+def _decoded(request: dict[str, Any], columns: dict[str, Column]) -> DecodedRequest:
+    """The request's columns with its id, requested outputs and deadline."""
     parameters = request.get("parameters") or {}
     default_binary = parameters.get("binary_data_output") is True
     outputs = None

@@ -30,7 +30,7 @@ class FaultInjector:
             return None
 
         def disturb(control: RunControl) -> None:
-            if delay and control.cancelled.wait(delay):
+            if delay and control.wait(delay):
                 raise InferenceFailed("injected delay interrupted by the deadline")
             if fail:
                 raise InferenceFailed("injected fault (policy `faults`)")

@@ -33,7 +33,10 @@ FOLD_DELAY_S = 0.05
 @dataclass(frozen=True)
 class _Job:
     version: str
-    columns: dict[str, np.ndarray]
+    feeds: dict[str, np.ndarray]
+    """The validated model feeds; drift columns are taken from them when folding, many jobs at once."""
+    sources: dict[str, str]
+    """Monitored feature -> the feed that holds it."""
     scores: np.ndarray | None
 
 
@@ -51,6 +54,7 @@ class Monitoring:
         self._reports: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._minutes: dict[str, tuple[int, int, int]] = {}  # model -> (minute, count, previous count)
         self.feedback = FeedbackStore()
+        self._sources: dict[tuple[str, str], tuple[object, dict[str, str]]] = {}  # -> (policy, feature -> feed)
         self.dropped: dict[str, int] = {}
         self._first_full_minute = int(clock() // 60) + 1  # the minute we started in was only partly seen
         metrics.drift_queue_depth.set_function(lambda: sum(q.qsize() for q in self._queues.values()))
@@ -78,15 +82,18 @@ class Monitoring:
             self.feedback.remember(model.name, policy.feedback, request_id, served.entry.version, scores)
         if card.reference_profile is None:
             return
-        sources = {name: spec.input or name for name, spec in policy.input_schema.features.items()}
-        columns = {name: batch.feeds[src].reshape(batch.rows, -1)[:, 0] for name, src in sources.items()
-                   if src in batch.feeds and name in card.reference_profile.features}
+        key = (model.name, served.entry.version)
+        sources = self._sources.get(key)
+        if sources is None or sources[0] is not policy:
+            sources = self._sources[key] = (policy, {
+                name: spec.input or name for name, spec in policy.input_schema.features.items()
+                if name in card.reference_profile.features})
         queue = self._queues.get(model.name)
         if queue is None:
             queue = self._queues[model.name] = asyncio.Queue(maxsize=policy.drift.queue)
             self._tasks.append(asyncio.get_running_loop().create_task(self._fold(model.name, queue)))
         try:
-            queue.put_nowait(_Job(served.entry.version, columns, scores))
+            queue.put_nowait(_Job(served.entry.version, batch.feeds, sources[1], scores))
         except asyncio.QueueFull:
             self.dropped[model.name] = self.dropped.get(model.name, 0) + 1
             self._metrics.drift_dropped.labels(model.name).inc()
@@ -121,7 +128,7 @@ class Monitoring:
                     window = self._window(model, version)
                     if window is not None:
                         mine = [job for job in jobs if job.version == version]
-                        window.add(_concat([j.columns for j in mine]),
+                        window.add(_columns(mine),
                                    None if any(j.scores is None for j in mine)
                                    else np.concatenate([j.scores for j in mine if j.scores is not None]))
             except Exception:  # a bad batch must not stop monitoring; it is logged and counted
@@ -222,11 +229,16 @@ class Monitoring:
         return str(cached[1]["drift"]["state"])
 
 
-def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(batches) == 1:
-        return batches[0]
-    names = set.intersection(*(set(b) for b in batches))
-    return {name: np.concatenate([b[name] for b in batches]) for name in names}
+def _columns(jobs: list[_Job]) -> dict[str, np.ndarray]:
+    """One 1-D column per monitored feature over all the jobs' rows (first value of each row)."""
+    columns = {}
+    for name, source in jobs[0].sources.items():
+        parts = [job.feeds[source] for job in jobs if source in job.feeds]
+        if len(parts) != len(jobs):
+            continue
+        stacked = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        columns[name] = stacked.reshape(len(stacked), -1)[:, 0]
+    return columns
 
 
 def _scores(score: Any, results: dict[str, np.ndarray], rows: int) -> np.ndarray | None:

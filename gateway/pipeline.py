@@ -34,6 +34,7 @@ from gateway.routing import choose_version, shadow_version, sticky_value
 from gateway.runtime import InlineRunner
 from gateway.shadow import ShadowJob, ShadowMirror
 from gateway.stats import TrafficStats
+from gateway.tracing import stage_tracer
 from gateway.validation import Column, ValidatedBatch
 
 #: why the fallback answered, by the failure that sent the request there
@@ -92,7 +93,7 @@ class InferencePipeline:
         budget = model.timeout_s if call.timeout_ms is None else min(model.timeout_s, call.timeout_ms / 1000)
         deadline = call.arrived + budget
         request_id = call.request_id if call.request_id is not None else new_request_id()
-        tracer = self._tracer
+        tracer = stage_tracer(self._tracer)
         try:
             with tracer.start_as_current_span("route") as span:
                 served, route = self._route(model, call)

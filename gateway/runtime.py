@@ -32,17 +32,40 @@ class RuntimeOptions:
     inter_op_threads: int = 1
 
 
+_EVENT_LOCK = threading.Lock()
+
+
 class RunControl:
-    """Cancels one run: onnxruntime stops at its next node, and injected delays wake up."""
+    """Cancels one run: onnxruntime stops at its next node, and injected delays wake up.
+
+    Made for every run, so it is cheap: the threading.Event that sleepers wait on (a condition and
+    a lock, several microseconds) is only created when something actually waits.
+    """
+
+    __slots__ = ("_event", "is_cancelled", "options")
 
     def __init__(self) -> None:
         self.options = ort.RunOptions()
-        self.cancelled = threading.Event()
+        self.is_cancelled = False
+        self._event: threading.Event | None = None
 
     def cancel(self) -> None:
         """Ask the run to stop (safe from any thread)."""
         self.options.terminate = True
-        self.cancelled.set()
+        self.is_cancelled = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds unless cancelled; True when cancelled."""
+        if self._event is None:
+            with _EVENT_LOCK:
+                if self._event is None:
+                    self._event = threading.Event()
+        if self.is_cancelled:  # checked after publishing the event: a concurrent cancel() sets one or the other
+            self._event.set()
+        return self._event.wait(timeout)
 
 
 #: runs in the worker thread just before the session; may sleep (waking on cancel) or raise
@@ -70,6 +93,12 @@ class OnnxModel:
             outputs=[_tensor_spec(a) for a in self.session.get_outputs()],
         )
         self.output_names = [o.name for o in self.signature.outputs]
+        # The public `InferenceSession.run` re-checks input names and catches provider failures
+        # on every call: ~25 us here, more than a small model's run. Inputs are validated before
+        # they get here, so call the binding underneath it (pinned onnxruntime; public API if absent).
+        binding = getattr(self.session, "_sess", None)
+        self._run: Callable[[list[str], Mapping[str, np.ndarray], ort.RunOptions], list[Any]] = (
+            binding.run if binding is not None and hasattr(binding, "run") else self.session.run)
         self.run_ms: float | None = None
         """Median single-row run time measured at warm-up (None until measured)."""
 
@@ -90,10 +119,10 @@ class OnnxModel:
         control = control or RunControl()
         if before_run is not None:
             before_run(control)
-        if control.cancelled.is_set():
+        if control.is_cancelled:
             raise InferenceFailed("run cancelled before it started (deadline passed while queued)")
         try:
-            results = self.session.run(names, dict(feeds), control.options)
+            results = self._run(names, feeds, control.options)
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise InferenceFailed(f"onnxruntime failed: {exc}") from exc
         return {name: _canonical(result) for name, result in zip(names, results, strict=True)}
@@ -153,7 +182,7 @@ class InlineRunner:
         try:
             return model.run(feeds, outputs, control)
         except InferenceFailed:
-            if control.cancelled.is_set():
+            if control.is_cancelled:
                 raise InferenceTimeout("deadline passed while the model ran inline; the run was terminated") from None
             raise
         finally:
@@ -166,7 +195,7 @@ class InlineRunner:
     def _watch(self) -> None:
         while not self._stopped.wait(self._tick_s):
             current = self._current
-            if current is not None and time.monotonic() >= current[1] and not current[0].cancelled.is_set():
+            if current is not None and time.monotonic() >= current[1] and not current[0].is_cancelled:
                 current[0].cancel()
                 self.terminated += 1
 

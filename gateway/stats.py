@@ -6,6 +6,7 @@ log-spaced buckets, and an interval's p99 is read from the difference of two sna
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import numpy as np
 
 #: latency bucket upper bounds in seconds: 0.1 ms .. ~60 s, 10 buckets per decade
 BOUNDS = np.array([1e-4 * 10 ** (i / 10) for i in range(58)])
+_BOUNDS_LIST = BOUNDS.tolist()  # bisect on a list: a tenth of numpy's per-call cost for one value
 
 
 @dataclass
@@ -95,7 +97,7 @@ class TrafficStats:
         counts.attempts += 1
         counts.failures += failed
         counts.fallbacks += fallback
-        counts.latency[int(np.searchsorted(BOUNDS, latency_s))] += 1
+        counts.latency[bisect.bisect_left(_BOUNDS_LIST, latency_s)] += 1
 
     def record_shadow(self, model: str, version: str, rows: int, disagreements: int, diffs: np.ndarray) -> None:
         """One shadow comparison (`diffs`: absolute score differences per row)."""

@@ -10,7 +10,10 @@ caller's trace.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Mapping
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -18,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, Span, SpanContext, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway import __version__
@@ -52,6 +55,36 @@ def make_tracer(exporter: str, sample_ratio: float | None = None) -> tuple[Trace
     return provider.get_tracer("gateway"), provider
 
 
+def never_sampled(exporter: str, sample_ratio: float | None) -> bool:
+    """Whether a request without a caller's trace context is never recorded under these settings."""
+    ratio = sample_ratio if sample_ratio is not None else (0.0 if exporter == "none" else 1.0)
+    return ratio <= 0
+
+
+def unrecorded_span() -> Span:
+    """What the SDK makes for a request it will not record (a fresh trace id, nothing exported),
+    without its sampler, context and processor calls: the common case costs next to nothing."""
+    return NonRecordingSpan(SpanContext(trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1,
+                                        is_remote=False))
+
+
+class _Quiet:
+    """A tracer stand-in for stages of a request that is not recorded: no spans at all."""
+
+    _nothing: contextlib.nullcontext[Span] = contextlib.nullcontext(INVALID_SPAN)  # reusable: no state
+
+    def start_as_current_span(self, name: str, *args: Any, **kwargs: Any) -> contextlib.nullcontext[Span]:
+        return self._nothing
+
+
+QUIET = _Quiet()
+
+
+def stage_tracer(tracer: Tracer) -> Tracer | _Quiet:
+    """`tracer` when the current request span is recorded, else the no-op stand-in."""
+    return tracer if trace.get_current_span().is_recording() else QUIET
+
+
 def incoming_context(headers: Mapping[str, str]) -> Context:
     """The caller's trace context from `traceparent` / `tracestate`, if any."""
     carrier = {k: v for k in ("traceparent", "tracestate") if (v := headers.get(k)) is not None}
@@ -63,4 +96,5 @@ def trace_id(span: Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
 
 
-__all__ = ["Span", "Tracer", "TracingUnavailable", "incoming_context", "make_tracer", "trace", "trace_id"]
+__all__ = ["QUIET", "Span", "Tracer", "TracingUnavailable", "incoming_context", "make_tracer", "never_sampled",
+           "stage_tracer", "trace", "trace_id", "unrecorded_span"]

@@ -145,7 +145,7 @@ def registered_names() -> dict[str, set[str]]:
                 labels[family.name] = set(collector._labelnames)
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
-        own = labels[family.name]
+        own = labels.get(family.name, set())  # process_* series (prometheus_client's ProcessCollector) have none
         if family.type == "counter":
             names.update({f"{family.name}_total": own, f"{family.name}_created": own})
         elif family.type == "histogram":

@@ -62,7 +62,7 @@ class Blocker:
         self.started.set()
         end = time.monotonic() + BLOCK_LIMIT_S
         while time.monotonic() < end and not self.release.is_set():
-            if control.cancelled.wait(0.01):
+            if control.wait(0.01):
                 self.woke_by_cancel.append(True)
                 return
         self.woke_by_cancel.append(False)
@@ -135,7 +135,7 @@ def test_a_missed_deadline_answers_at_once_and_frees_the_worker(
     assert next_took < 0.5
     assert results["label"].shape == (1,)
     assert blocker.woke_by_cancel == [True]  # woken by the cancel (or cancelled before it began)
-    assert all(c.cancelled.is_set() and c.options.terminate for c in blocker.controls)
+    assert all(c.is_cancelled and c.options.terminate for c in blocker.controls)
     assert [r for r in reports if "never retrieved" in str(r.get("message"))] == []
     assert reports == []
 
@@ -157,13 +157,13 @@ def test_a_run_still_queued_at_the_deadline_is_dropped_when_its_turn_comes(
     _, reports = run_loop(scenario)
     assert first.woke_by_cancel == [False]  # released by the test, not cancelled
     assert queued.woke_by_cancel == [True]
-    assert queued.controls[0].cancelled.is_set()
+    assert queued.controls[0].is_cancelled
     assert reports == []
 
 
 def test_the_abandoned_runs_failure_is_retrieved(model: OnnxModel, executor: ThreadPoolExecutor) -> None:
     def fails_when_cancelled(control: RunControl) -> None:
-        control.cancelled.wait(BLOCK_LIMIT_S)
+        control.wait(BLOCK_LIMIT_S)
         raise InferenceFailed("the abandoned run fails after the caller left")
 
     async def scenario() -> None:
@@ -192,7 +192,7 @@ def test_cancelling_the_caller_cancels_the_run(model: OnnxModel, executor: Threa
         with pytest.raises(asyncio.CancelledError):
             await task
         try:
-            return await asyncio.to_thread(blocker.controls[0].cancelled.wait, 0.2)
+            return await asyncio.to_thread(blocker.controls[0].wait, 0.2)
         finally:
             blocker.release.set()
             await asyncio.wrap_future(executor.submit(lambda: None))

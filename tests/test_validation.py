@@ -550,3 +550,52 @@ def test_bool_features_reject_other_floats_in_long_columns() -> None:
 
 def test_an_integer_too_large_for_float64_is_a_violation() -> None:
     assert found(v2_columns(rows(2, income=[58000, 10**400]))) == {("income", 1, "range")}
+
+
+# --- the quick path and the full path agree ------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["salaried", "rent", "car", "other", "", "x" * 300, "SALARIED"]), st.binary(max_size=4),
+    st.integers(0, 200), st.floats(0, 1e6),
+)
+
+
+def _outcome(result: ValidatedBatch | SchemaViolation) -> Any:
+    if isinstance(result, SchemaViolation):
+        return ("violation", [v.as_dict() for v in result.violations.items], result.violations.total)
+    return ("ok", result.rows, result.ignored_fields,
+            {k: (v.dtype.str, v.shape, repr(v.tolist())) for k, v in sorted(result.feeds.items())})  # NaN-safe
+
+
+def _validate(checker: RequestValidator, columns: dict[str, Column]) -> ValidatedBatch | SchemaViolation:
+    try:
+        return checker.validate(columns)
+    except SchemaViolation as exc:
+        return exc
+
+
+@settings(max_examples=400, deadline=None)
+@given(n=st.integers(1, 4), changes=st.dictionaries(st.sampled_from(sorted(SCHEMA.features) + ["extra"]),
+                                                      st.lists(_ODD_VALUES, min_size=1, max_size=4), max_size=3),
+       shape=st.sampled_from(["[N,1]", "[N]"]), drop=st.sets(st.sampled_from(sorted(SCHEMA.features)), max_size=2))
+def test_the_quick_path_accepts_and_builds_exactly_what_the_full_path_does(
+        n: int, changes: dict[str, list[Any]], shape: str, drop: set[str]) -> None:
+    batch = rows(n, **changes)
+    for row in batch:
+        for name in drop:
+            row.pop(name, None)
+    quick = validator()
+    full = validator()
+    full._quick = None  # the full path alone
+    for columns in (v2_columns(batch, shape), v1_columns(batch)):
+        assert _outcome(_validate(quick, columns)) == _outcome(_validate(full, columns))
+
+
+def test_the_quick_path_serves_the_common_request() -> None:
+    checker = validator()
+    assert checker._quick is not None
+    assert checker._validate_quick(v2_columns(rows(1))) is not None

@@ -28,7 +28,7 @@ from gateway.errors import GatewayError, SchemaViolation, Unavailable
 from gateway.pipeline import InferenceCall
 from gateway.registry import ServedModel
 from gateway.telemetry import UNKNOWN_MODEL
-from gateway.tracing import Span, incoming_context, trace_id
+from gateway.tracing import Span, incoming_context, trace_id, unrecorded_span
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -124,6 +124,11 @@ class InferenceEndpoints:
                      decode: Decode, encode: Encode) -> Reply:
         """One span per request (joining the caller's trace), its id in `X-Trace-Id`."""
         gateway = self.gateway
+        if not gateway.trace_roots and "traceparent" not in headers:
+            span = unrecorded_span()
+            reply = await self._serve_in_span(receive, headers, protocol, model, version, decode, encode, span)
+            reply.headers["X-Trace-Id"] = trace_id(span)
+            return reply
         with gateway.tracer.start_as_current_span(f"{protocol} infer", context=incoming_context(headers),
                                                   kind=SpanKind.SERVER) as span:
             reply = await self._serve_in_span(receive, headers, protocol, model, version, decode, encode, span)
