@@ -191,15 +191,15 @@ class InferencePipeline:
                       results: dict[str, np.ndarray], wanted: list[str] | None, request_id: str,
                       route: str) -> Answer:
         assert served.entry.model is not None
-        datatypes = {t.name: t.datatype for t in served.entry.model.signature.outputs}
+        datatypes = served.entry.model.output_datatypes
         parameters: dict[str, str | int | float | bool] = {"route": route}
         low = model.fallback.low_confidence if model.fallback else None
         score = served.entry.card.score if served.entry.card else None
         if low is not None and score is not None and model.fallback is not None:
-            column = results[score.output].reshape(batch.rows, -1)
-            values = column[:, score.index or 0].astype(np.float64)
-            shaky = np.flatnonzero((values >= low.band[0]) & (values <= low.band[1]))
-            if len(shaky):
+            values = results[score.output].reshape(batch.rows, -1)[:, score.index or 0].tolist()
+            lo, hi = low.band
+            shaky = [row for row, value in enumerate(values) if lo <= value <= hi]  # NaN is never in the band
+            if shaky:
                 parameters["low_confidence_rows"] = ",".join(map(str, shaky))
                 if low.action == "review":
                     parameters["review"] = True

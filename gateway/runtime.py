@@ -93,6 +93,7 @@ class OnnxModel:
             outputs=[_tensor_spec(a) for a in self.session.get_outputs()],
         )
         self.output_names = [o.name for o in self.signature.outputs]
+        self.output_datatypes = {o.name: o.datatype for o in self.signature.outputs}
         # The public `InferenceSession.run` re-checks input names and catches provider failures
         # on every call: ~25 us here, more than a small model's run. Inputs are validated before
         # they get here, so call the binding underneath it (pinned onnxruntime; public API if absent).
