@@ -30,7 +30,7 @@ from gateway.policy import Rollout
 from gateway.registry import BreakerBoard, ServedModel, ServedVersion, Snapshot, build_snapshot, serve_version
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.rollout import RolloutController
-from gateway.runtime import RuntimeOptions
+from gateway.runtime import INLINE, RuntimeOptions
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
 from gateway.state import StateStore
@@ -152,7 +152,7 @@ class Gateway:
     def close(self) -> None:
         """Stop the worker threads (after in-flight runs finish) and close the audit file."""
         self.executor.shutdown(wait=True, cancel_futures=True)
-        self.pipeline.inline.close()
+        INLINE.close()  # the watchdog thread; a later inline run (another app in this process) restarts it
         self.audit.close_now()
 
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from gateway.errors import InferenceFailed, InferenceTimeout
-from gateway.runtime import BeforeRun, OnnxModel, RunControl
+from gateway.runtime import BeforeRun, InlineRunner, OnnxModel, RunControl
 
 
 @dataclass(eq=False)
@@ -33,6 +33,7 @@ class _Request:
     feeds: Mapping[str, np.ndarray]
     rows: int
     future: asyncio.Future[dict[str, np.ndarray]]
+    deadline: float
     batch: _Batch | None = None
 
 
@@ -40,6 +41,7 @@ class _Request:
 class _Batch:
     requests: list[_Request]
     control: RunControl = field(default_factory=RunControl)
+    finished: bool = False
 
     def abandoned(self) -> bool:
         return all(r.future.done() for r in self.requests)
@@ -49,8 +51,14 @@ class Batcher:
     """Gathers one version's concurrent requests into batches and runs each batch once."""
 
     def __init__(self, model: OnnxModel, max_batch_size: int, max_queue_delay_s: float,
-                 max_in_flight: int = 1) -> None:
+                 max_in_flight: int = 1, inline: InlineRunner | None = None,
+                 faults: Callable[[], BeforeRun | None] | None = None) -> None:
         self.model = model
+        self.faults = faults
+        """Draws a rehearsal fault per batch (a batch is one model call); pool batches only."""
+        self.inline = inline
+        """Run batches on the event loop (under this runner's watchdog) instead of the pool."""
+        self._soon = False
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_in_flight = max(1, max_in_flight)
@@ -72,28 +80,28 @@ class Batcher:
                 "queued": len(self._waiting), "running": self._in_flight}
 
     async def run(self, feeds: Mapping[str, np.ndarray], rows: int, outputs: Sequence[str] | None,
-                  executor: ThreadPoolExecutor, deadline: float,
-                  before_run: BeforeRun | None = None) -> dict[str, np.ndarray]:
+                  executor: ThreadPoolExecutor, deadline: float) -> dict[str, np.ndarray]:
         """This request's rows of its batch's outputs; InferenceTimeout at its own deadline."""
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
             raise InferenceTimeout("deadline passed before the request could join a batch")
-        request = _Request(feeds, rows, loop.create_future())
+        request = _Request(feeds, rows, loop.create_future(), deadline)
         self._waiting.append(request)
         self._waiting_rows += rows
-        if self._waiting_rows >= self.max_batch_size or self.max_queue_delay_s <= 0:
+        if self._due or self._waiting_rows >= self.max_batch_size or self.max_queue_delay_s <= 0:
             self._due = True
-            self._dispatch(loop, executor, before_run)
-        elif self._timer is None and not self._due:
-            self._timer = loop.call_later(self.max_queue_delay_s, self._on_delay, loop, executor, before_run)
+            self._kick(loop, executor)
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_queue_delay_s, self._on_delay, loop, executor)
         expiry = loop.call_at(deadline, _expire, request)
         try:
             results = await request.future
         finally:
             expiry.cancel()
-            if request.batch is not None and not request.future.cancelled() and request.batch.abandoned():
-                request.batch.control.cancel()  # nobody waits for this batch any more
-            elif request.batch is None and request.future.done():
+            batch = request.batch
+            if batch is not None and not batch.finished and batch.abandoned():
+                batch.control.cancel()  # nobody waits for this batch any more (timed out or went away)
+            elif batch is None and request.future.done():
                 self._forget(request)
         if outputs:
             return {name: results[name] for name in outputs}
@@ -105,15 +113,53 @@ class Batcher:
         except ValueError:
             return
         self._waiting_rows -= request.rows
+        if not self._waiting:  # nothing left to be due: the next request starts afresh
+            self._due = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
-    def _on_delay(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor,
-                  before_run: BeforeRun | None) -> None:
+    def _on_delay(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
         self._timer = None
         self._due = True
-        self._dispatch(loop, executor, before_run)
+        self._kick(loop, executor)
 
-    def _dispatch(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor,
-                  before_run: BeforeRun | None) -> None:
+    def _kick(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
+        if self.inline is None:
+            self._dispatch(loop, executor)
+        elif not self._soon:  # after the callbacks already due: requests of this loop turn join in
+            self._soon = True
+            loop.call_soon(self._dispatch_inline)
+
+    def _dispatch_inline(self) -> None:
+        """Run every waiting request now, on the loop, in batches of at most max_batch_size rows."""
+        assert self.inline is not None
+        self._soon = False
+        self._due = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiting:
+            batch = self._take()
+            if batch is None:
+                continue
+            self.batches += 1
+            self.batched_rows += sum(r.rows for r in batch.requests)
+            try:
+                feeds = _stacked(batch.requests)
+                results = self.inline.run(self.model, feeds, None, _latest_deadline(batch.requests))
+            except (InferenceFailed, InferenceTimeout) as exc:
+                batch.finished = True
+                for request in batch.requests:
+                    if not request.future.done():
+                        request.future.set_exception(type(exc)(str(exc)))  # one instance per request
+                continue
+            batch.finished = True
+            for request, result in zip(batch.requests, _split(results, batch.requests), strict=True):
+                if not request.future.done():
+                    request.future.set_result(result)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
         """Start batches while one is due and the pool has room."""
         while self._due and self._waiting and self._in_flight < self.max_in_flight:
             batch = self._take()
@@ -122,9 +168,9 @@ class Batcher:
             self._in_flight += 1
             self.batches += 1
             self.batched_rows += sum(r.rows for r in batch.requests)
+            before_run = self.faults() if self.faults is not None else None
             future = loop.run_in_executor(executor, self._run, batch, before_run)
-            future.add_done_callback(functools.partial(self._finished, batch=batch, loop=loop, executor=executor,
-                                                       before_run=before_run))
+            future.add_done_callback(functools.partial(self._finished, batch=batch, loop=loop, executor=executor))
         if not self._waiting:
             self._due = False
             if self._timer is not None:
@@ -134,7 +180,7 @@ class Batcher:
               and self.max_queue_delay_s > 0):
             self._due = False  # what is left waits for its own delay (or for rows to fill it)
             if self._timer is None:
-                self._timer = loop.call_later(self.max_queue_delay_s, self._on_delay, loop, executor, before_run)
+                self._timer = loop.call_later(self.max_queue_delay_s, self._on_delay, loop, executor)
 
     def _take(self) -> _Batch | None:
         """Up to max_batch_size rows of live requests, oldest first (a larger request runs alone)."""
@@ -161,23 +207,13 @@ class Batcher:
         """In a worker thread: concatenate, run once, split by rows."""
         if batch.abandoned():
             return []
-        requests = batch.requests
-        if len(requests) == 1:
-            feeds = dict(requests[0].feeds)
-        else:
-            feeds = {name: np.concatenate([r.feeds[name] for r in requests]) for name in requests[0].feeds}
-        results = self.model.run(feeds, None, batch.control, before_run)
-        split = []
-        start = 0
-        for request in requests:
-            stop = start + request.rows
-            split.append({name: array[start:stop] for name, array in results.items()})
-            start = stop
-        return split
+        results = self.model.run(_stacked(batch.requests), None, batch.control, before_run)
+        return _split(results, batch.requests)
 
     def _finished(self, future: asyncio.Future[list[dict[str, np.ndarray]]], batch: _Batch,
-                  loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, before_run: BeforeRun | None) -> None:
+                  loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
         self._in_flight -= 1
+        batch.finished = True
         error = future.exception() if not future.cancelled() else InferenceFailed("batch run cancelled")
         if error is None:
             for request, result in zip(batch.requests, future.result(), strict=False):
@@ -190,7 +226,29 @@ class Batcher:
                     request.future.set_exception(InferenceFailed(message))  # one instance per request
         if self._waiting:
             self._due = True  # these requests waited for the pool: run them now
-            self._dispatch(loop, executor, before_run)
+            self._dispatch(loop, executor)
+
+
+def _stacked(requests: list[_Request]) -> dict[str, np.ndarray]:
+    if len(requests) == 1:
+        return dict(requests[0].feeds)
+    return {name: np.concatenate([r.feeds[name] for r in requests]) for name in requests[0].feeds}
+
+
+def _split(results: dict[str, np.ndarray], requests: list[_Request]) -> list[dict[str, np.ndarray]]:
+    if len(requests) == 1:
+        return [results]
+    split = []
+    start = 0
+    for request in requests:
+        stop = start + request.rows
+        split.append({name: array[start:stop] for name, array in results.items()})
+        start = stop
+    return split
+
+
+def _latest_deadline(requests: list[_Request]) -> float:
+    return max(r.deadline for r in requests)
 
 
 def _expire(request: _Request) -> None:

@@ -231,8 +231,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"gateway: model repository {settings.models_dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # loop="asyncio": under uvloop, at 128 busy connections a few connections waited seconds for
+    # their turn (p99 1-2 s at p50 60 ms) while asyncio's loop served them fairly (p99 ~150 ms) at
+    # the same throughput; see loadtests/RESULTS.md.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.drain_timeout_s)
+                timeout_graceful_shutdown=settings.drain_timeout_s, loop="asyncio", http="httptools")
     return EXIT_OK
 
 

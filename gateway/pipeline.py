@@ -31,7 +31,7 @@ from gateway.errors import (
 from gateway.monitoring import Monitoring
 from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.routing import choose_version, shadow_version, sticky_value
-from gateway.runtime import InlineRunner
+from gateway.runtime import INLINE
 from gateway.shadow import ShadowJob, ShadowMirror
 from gateway.stats import TrafficStats
 from gateway.tracing import stage_tracer
@@ -80,7 +80,7 @@ class InferencePipeline:
         self._draw = draw
         self._monitor = monitor
         self._tracer = tracer or trace.NoOpTracer()
-        self.inline = InlineRunner()
+        self.inline = INLINE
         self.in_flight = 0
         self.fallbacks: Counter[tuple[str, str]] = Counter()
         self.answered: Counter[str] = Counter()
@@ -167,13 +167,10 @@ class InferencePipeline:
         try:
             model = served.entry.model
             assert model is not None
-            before_run = served.faults.before_run() if served.faults else None
-            if served.batcher is not None:
-                results = await served.batcher.run(batch.feeds, batch.rows, outputs, self._executor, deadline,
-                                                   before_run)
-            elif served.execution == "inline":
-                results = self.inline.run(model, batch.feeds, outputs, deadline)
+            if served.batcher is not None:  # draws its rehearsal faults per batch
+                results = await served.batcher.run(batch.feeds, batch.rows, outputs, self._executor, deadline)
             else:
+                before_run = served.faults.before_run() if served.faults else None
                 results = await model.predict(batch.feeds, outputs, self._executor, deadline, before_run)
         except (InferenceTimeout, InferenceFailed) as exc:
             served.breaker.record(ticket, exc)

@@ -30,6 +30,7 @@ from gateway.policy import (
 )
 from gateway.policy_fit import feature_signature, policy_misfits
 from gateway.repository import ModelRepository, ModelVersion, version_key
+from gateway.runtime import INLINE
 from gateway.state import Aliases
 from gateway.validation import RequestValidator
 
@@ -39,6 +40,8 @@ log = logging.getLogger("gateway.registry")
 #: `guard.execution: auto` runs a version inline when its warm-up run took at most this long
 #: (a thread hop costs ~0.1-0.2 ms of CPU on top of the run)
 INLINE_MAX_RUN_MS = 0.25
+#: rows an inline version runs at most in one call when the policy sets no `batching`
+INLINE_MAX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,9 @@ class ServedVersion:
     breaker: AsyncBreaker
     faults: FaultInjector | None = None
     execution: str = "thread"
-    """`inline` (on the event loop), `thread` (worker pool per request) or `batch` (worker pool per batch)."""
+    """`inline` (on the event loop) or `thread` (on the worker pool)."""
     batcher: Batcher | None = None
+    """Gathers concurrent requests into shared runs (inline versions always; pool versions with `batching`)."""
 
 
 @dataclass(frozen=True)
@@ -339,18 +343,27 @@ def serve_version(name: str, entry: ModelVersion, policy: LoadedPolicy | None, p
 
 
 def _execution(spec: Policy | None, entry: ModelVersion, faults: FaultInjector | None) -> tuple[str, Batcher | None]:
-    """Where this version's runs happen (see `guard.execution` and `batching` in the policy)."""
+    """Where this version's runs happen (see `guard.execution` and `batching` in the policy).
+
+    Inline versions always go through a batcher on the loop: the requests that reach the model in
+    the same event-loop turn share one run. Pool versions batch only when the policy says so.
+    """
     assert entry.model is not None
-    if spec is not None and spec.batching is not None:
-        b = spec.batching
-        return "batch", Batcher(entry.model, b.max_batch_size, b.max_queue_delay_ms / 1000, b.max_concurrent_batches)
+    batching = spec.batching if spec else None
     wanted = spec.guard.execution if spec else "auto"
-    if faults is not None or wanted == "thread":  # injected delays sleep: never on the event loop
-        return "thread", None
-    if wanted == "inline":
-        return "inline", None
     run_ms = entry.model.run_ms
-    return ("inline" if run_ms is not None and run_ms <= INLINE_MAX_RUN_MS else "thread"), None
+    inline = faults is None and (wanted == "inline" or (
+        wanted == "auto" and run_ms is not None and run_ms <= INLINE_MAX_RUN_MS))
+    if inline:  # (injected delays sleep: a version with faults never runs on the event loop)
+        signature = entry.model.signature
+        stackable = all(t.shape and t.shape[0] == -1 for t in (*signature.inputs, *signature.outputs))
+        size, delay_s = ((batching.max_batch_size, batching.max_queue_delay_ms / 1000) if batching
+                         else (INLINE_MAX_BATCH if stackable else 1, 0.0))  # 1 row: never stacks requests
+        return "inline", Batcher(entry.model, size, delay_s, inline=INLINE)
+    if batching is None:
+        return "thread", None
+    return "thread", Batcher(entry.model, batching.max_batch_size, batching.max_queue_delay_ms / 1000,
+                             batching.max_concurrent_batches, faults=faults.before_run if faults else None)
 
 
 def _faults(spec: Policy | None, versions: dict[str, ModelVersion],

@@ -194,17 +194,20 @@ class InlineRunner:
         self._watchdog.start()
 
     def _watch(self) -> None:
-        while not self._stopped.wait(self._tick_s):
+        stopped = self._stopped
+        while not stopped.wait(self._tick_s):
             current = self._current
             if current is not None and time.monotonic() >= current[1] and not current[0].is_cancelled:
                 current[0].cancel()
                 self.terminated += 1
 
     def close(self) -> None:
-        """Stop the watchdog thread."""
-        self._stopped.set()
-        if self._watchdog is not None:
-            self._watchdog.join(timeout=1)
+        """Stop the watchdog thread (the next inline run starts a new one)."""
+        watchdog, stopped = self._watchdog, self._stopped
+        self._watchdog, self._stopped = None, threading.Event()
+        stopped.set()
+        if watchdog is not None:
+            watchdog.join(timeout=1)
 
 
 def _forget(future: asyncio.Future[Any]) -> None:
@@ -227,3 +230,7 @@ def _tensor_spec(arg: Any) -> TensorSpec:
         raise UnsupportedModel(f"{arg.name!r} has type {arg.type}, which the protocol cannot carry")
     shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
     return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
+
+
+#: the process's inline runner: one watchdog thread for every inline version of every model
+INLINE = InlineRunner()
