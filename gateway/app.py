@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -156,6 +157,17 @@ class Gateway:
         self.audit.close_now()
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, with the inference paths answered before any framework layer runs."""
+
+    inference: inference.InferenceEndpoints | None = None
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if self.inference is not None and await self.inference.handle(scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A FastAPI app serving the model repository and policies named by `settings`."""
     settings = settings or Settings()
@@ -168,11 +180,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await gateway.stop()
 
-    app = FastAPI(title="Safety-net inference gateway", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+    app = GatewayApp(title="Safety-net inference gateway", version=__version__, lifespan=lifespan,
+                     docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
+    app.inference = inference.InferenceEndpoints(gateway)
     app.include_router(health.router)
-    app.add_middleware(inference.InferenceEndpoints, gateway=gateway)
     app.include_router(admin.router)
     app.include_router(repository_api.router)
     app.include_router(monitoring_api.router)

@@ -65,11 +65,11 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
             raise MalformedRequest([_malformed("Inference-Header-Content-Length",
                                                f"at most the body length {len(body)}", str(header_length))])
         body, binary = body[:header_length], body[header_length:]
+    if not binary:
+        quick = _quick_v2(body)
+        if quick is not None:
+            return quick
     request = _well_formed_v2(body)
-    if request is not None and not binary:
-        plain = _plain_columns(request["inputs"])
-        if plain is not None:
-            return _decoded(request, plain)
     if request is None:  # something is off: let the wire model say exactly what (or coerce it)
         try:
             request = InferenceRequest.model_validate_json(body).model_dump()
@@ -127,21 +127,37 @@ def decode_v2(body: bytes, header_length: int | None) -> DecodedRequest:
     return _decoded(request, columns)
 
 
-def _plain_columns(inputs: list[dict[str, Any]]) -> dict[str, Column] | None:
-    """Columns of well-formed JSON tensors with flat data of the right length, in one pass; None
-    for anything else (binary data, nested data, a count mismatch...), which the full loop handles."""
+def _quick_v2(body: bytes) -> DecodedRequest | None:
+    """The common request (JSON tensors with flat data of the right length, nothing unusual) in one
+    pass; None for anything else, which `_well_formed_v2`, the wire model and the full loop decide."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(request) is not dict or not _top_level_ok(request):
+        return None
+    inputs = request["inputs"]
     columns: dict[str, Column] = {}
     for tensor in inputs:
-        name, datatype, shape, data = tensor["name"], tensor["datatype"], tensor["shape"], tensor.get("data")
-        if type(data) is not list or datatype not in NUMPY_DTYPES or name in columns:
+        if type(tensor) is not dict:
+            return None
+        name, datatype = tensor.get("name"), tensor.get("datatype")
+        shape, data = tensor.get("shape"), tensor.get("data")
+        if (type(name) is not str or type(datatype) is not str or type(shape) is not list or type(data) is not list
+                or datatype not in NUMPY_DTYPES or name in columns):
+            return None
+        parameters = tensor.get("parameters")
+        if parameters is not None and not _parameters_ok(parameters):
             return None
         count = 1
         for dim in shape:
+            if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
+                return None
             count *= dim
         if len(data) != count or list in map(type, data):
             return None
         columns[name] = Column(name, data, tuple(shape), datatype)
-    return columns
+    return _decoded(request, columns)
 
 
 def _decoded(request: dict[str, Any], columns: dict[str, Column]) -> DecodedRequest:
@@ -175,9 +191,7 @@ def _well_formed_v2(body: bytes) -> dict[str, Any] | None:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if type(request) is not dict or type(request.get("inputs")) is not list:
-        return None
-    if type(request.get("id", "")) not in (str, type(None)) or not _parameters_ok(request.get("parameters")):
+    if type(request) is not dict or not _top_level_ok(request):
         return None
     for tensor in request["inputs"]:
         if (type(tensor) is not dict or type(tensor.get("name")) is not str or type(tensor.get("datatype")) is not str
@@ -187,15 +201,24 @@ def _well_formed_v2(body: bytes) -> dict[str, Any] | None:
         for dim in tensor["shape"]:
             if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
                 return None
+    return request
+
+
+def _top_level_ok(request: dict[str, Any]) -> bool:
+    """`inputs` a list; `id`, `parameters` and `outputs` absent or of the wire model's exact types."""
+    if type(request.get("inputs")) is not list:
+        return False
+    if type(request.get("id", "")) not in (str, type(None)) or not _parameters_ok(request.get("parameters")):
+        return False
     outputs = request.get("outputs")
     if outputs is not None:
         if type(outputs) is not list:
-            return None
+            return False
         for output in outputs:
             if type(output) is not dict or type(output.get("name")) is not str or not _parameters_ok(
                     output.get("parameters")):
-                return None
-    return request
+                return False
+    return True
 
 
 def _parameters_ok(parameters: Any) -> bool:

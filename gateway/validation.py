@@ -9,6 +9,7 @@ only to name the offending rows. It never stops at the first problem: the client
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -245,10 +246,29 @@ def _quick_plans(plans: list[_Plan]) -> list[_QuickPlan] | None:
 
 
 def _quick_floats(spec: FeatureSpec, target: str) -> Any:
+    """`_small_clean` specialised to one feature (no per-call lookups), then the cast."""
     dtype = NUMPY_DTYPES[target]
+    if spec.type == "bool":
+        def convert_bools(values: list[Any]) -> np.ndarray | None:
+            for v in values:
+                if type(v) is not bool:
+                    return None
+            return np.array(values, dtype=dtype)
+        return convert_bools
+    lo = spec.min if spec.min is not None else -math.inf
+    hi = spec.max if spec.max is not None else math.inf
+    whole = spec.type == "int"
+    limit = _FLOAT_LIMITS.get(target, sys.float_info.max)
 
     def convert(values: list[Any]) -> np.ndarray | None:
-        return np.array(values, dtype=dtype) if _small_clean(values, spec, target) else None
+        for v in values:
+            kind = type(v)
+            if kind is float:  # NaN fails every comparison, so it leaves here too
+                if not lo <= v <= hi or not abs(v) <= limit or (whole and not v.is_integer()):
+                    return None
+            elif kind is not int or not lo <= v <= hi or not abs(v) <= limit:
+                return None
+        return np.array(values, dtype=dtype)
     return convert
 
 
@@ -415,7 +435,7 @@ def _small_clean(values: list[Any], spec: FeatureSpec, target: str) -> bool:
         return all(type(v) is bool for v in values)
     lo, hi = spec.min, spec.max
     whole = spec.type == "int"
-    limit = _FLOAT_LIMITS.get(target, math.inf)
+    limit = _FLOAT_LIMITS.get(target, sys.float_info.max)  # never inf: infinities take the full path
     for v in values:
         kind = type(v)
         if kind is float:

@@ -363,3 +363,52 @@ def test_encode_v1_several_outputs_give_an_object_per_row() -> None:
         {"label": 0, "probabilities": [0.75, 0.25], "tag": "low"},
         {"label": 1, "probabilities": [0.5, 0.5], "tag": "high"},
     ]
+
+
+# --- the one-pass path and the full path agree -------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import gateway.codec as codec_module  # noqa: E402
+
+_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(-10, 10), st.text(max_size=3))
+_TENSOR = st.fixed_dictionaries(
+    {"name": st.one_of(st.sampled_from(["a", "b", "c"]), st.integers(0, 2)),
+     "datatype": st.sampled_from(["FP32", "INT64", "BYTES", "BOOL", "FP99", 7]),
+     "shape": st.one_of(st.lists(st.one_of(st.integers(-1, 3), st.just("2"), st.just(1.0)), max_size=3),
+                        st.just("1")),
+     "data": st.one_of(st.lists(st.one_of(_SCALAR, st.lists(_SCALAR, max_size=2)), max_size=6), st.none(),
+                       st.just("x"))},
+    optional={"parameters": st.one_of(st.none(), st.dictionaries(st.sampled_from(["k", "binary_data_size"]),
+                                                                    st.one_of(_SCALAR, st.lists(_SCALAR)),
+                                                                    max_size=2))})
+_REQUEST = st.fixed_dictionaries(
+    {"inputs": st.one_of(st.lists(_TENSOR, max_size=3), st.just({}))},
+    optional={"id": st.one_of(st.none(), st.text(max_size=3), st.integers(-9, 9)),
+              "parameters": st.one_of(st.none(), st.dictionaries(st.sampled_from(["timeout_ms", "x"]), _SCALAR)),
+              "outputs": st.one_of(st.none(), st.lists(st.fixed_dictionaries({"name": st.sampled_from(["o", 3])}),
+                                                       max_size=2))})
+
+
+def _decoding(body: bytes) -> Any:
+    try:
+        decoded = decode_v2(body, None)
+    except MalformedRequest as exc:
+        return ("malformed", [v.as_dict() for v in exc.violations.items])
+    return ("ok", decoded.id, decoded.outputs, decoded.binary_outputs, decoded.timeout_ms,
+            {k: (c.name, repr(c.values), c.shape, c.declared) for k, c in decoded.columns.items()})
+
+
+@settings(max_examples=500, deadline=None)
+@given(request=_REQUEST)
+def test_the_one_pass_decoder_agrees_with_the_full_path(request: dict[str, Any]) -> None:
+    body = orjson.dumps(request)
+    quick = _decoding(body)
+    original = codec_module._quick_v2
+    codec_module._quick_v2 = lambda body: None  # the full path alone
+    try:
+        full = _decoding(body)
+    finally:
+        codec_module._quick_v2 = original
+    assert quick == full

@@ -579,7 +579,7 @@ def _validate(checker: RequestValidator, columns: dict[str, Column]) -> Validate
 
 
 @settings(max_examples=400, deadline=None)
-@given(n=st.integers(1, 4), changes=st.dictionaries(st.sampled_from(sorted(SCHEMA.features) + ["extra"]),
+@given(n=st.integers(1, 4), changes=st.dictionaries(st.sampled_from([*sorted(SCHEMA.features), "extra"]),
                                                       st.lists(_ODD_VALUES, min_size=1, max_size=4), max_size=3),
        shape=st.sampled_from(["[N,1]", "[N]"]), drop=st.sets(st.sampled_from(sorted(SCHEMA.features)), max_size=2))
 def test_the_quick_path_accepts_and_builds_exactly_what_the_full_path_does(
@@ -599,3 +599,15 @@ def test_the_quick_path_serves_the_common_request() -> None:
     checker = validator()
     assert checker._quick is not None
     assert checker._validate_quick(v2_columns(rows(1))) is not None
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_an_infinity_for_a_float64_input_is_refused_unless_allowed(value: float) -> None:
+    signature = Signature(inputs=[TensorSpec(name="x", datatype="FP64", shape=[-1, 1])], outputs=[])
+    strict = InputSchema(features={"x": FeatureSpec(type="float")})
+    with pytest.raises(SchemaViolation) as caught:
+        RequestValidator(signature, strict).validate({"x": Column("x", [value], (1, 1), "FP64")})
+    assert [v.reason for v in caught.value.violations.items] == ["inf"]
+    lenient = InputSchema(features={"x": FeatureSpec(type="float", allow_inf=True)})
+    batch = RequestValidator(signature, lenient).validate({"x": Column("x", [value], (1, 1), "FP64")})
+    assert batch.feeds["x"].tolist() == [[value]]

@@ -1,16 +1,17 @@
-"""Inference endpoints (OIP v2 and KServe v1) as a raw ASGI layer in front of the FastAPI app.
+"""Inference endpoints (OIP v2 and KServe v1), answered straight from ASGI ahead of FastAPI.
 
 These four routes carry nearly all the traffic, so they skip the framework's per-request work
-(request objects, routing tables, dependency solving, exception middleware): the path is matched
-with one regular expression, the body is read straight from `receive`, and the answer leaves as
-two ASGI messages. Every other route (health, metadata, admin, ...) falls through to FastAPI.
-Behaviour is the framework's: same statuses, bodies and headers; an unexpected exception still
-reaches the app's error handler (500 JSON, logged with its stack).
+(its telemetry hook, middleware stack, request objects, routing tables, dependency solving): the
+path is matched with one regular expression, the body is read straight from `receive`, and the
+answer leaves as two ASGI messages. Every other route (health, metadata, admin, ...) goes to
+FastAPI. Behaviour is the framework's: same statuses, bodies and headers, 405 for other methods,
+and an unexpected exception is logged with its stack and answered 500 JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -33,11 +34,12 @@ from gateway.tracing import Span, incoming_context, trace_id, unrecorded_span
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
+log = logging.getLogger("gateway")
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = dict[str, str]
 
 #: the same paths FastAPI routes would match (`{model}` and `{version}` are one path segment each)
@@ -89,36 +91,40 @@ class Reply:
 
 
 class InferenceEndpoints:
-    """ASGI middleware answering POSTs to the inference paths; everything else goes to `app`."""
+    """Answers the inference paths straight from ASGI; the app hands every request here first."""
 
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app = app
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            match = None
-            if path.endswith("/infer"):
-                match, protocol, decode, encode = V2_PATH.fullmatch(path), "v2", _decode_v2, _encode_v2
-            elif path.endswith(":predict"):
-                match, protocol, decode, encode = V1_PATH.fullmatch(path), "v1", _decode_v1, _encode_v1
-            if match is not None:
-                if scope["method"] != "POST":
-                    message = f"method {scope['method']} is not allowed on {path}; use POST"
-                    return await Reply(405, orjson.dumps({"error": message}), {"Allow": "POST"}).send(send)
-                return await self._handle(scope, receive, send, protocol, match, decode, encode)
-        await self.app(scope, receive, send)
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, protocol: str, match: re.Match[str],
-                      decode: Decode, encode: Encode) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer the request if it is for an inference path (True), else leave it alone (False)."""
+        if scope["type"] != "http":
+            return False
+        path = scope["path"]
+        if path.endswith("/infer"):
+            match, protocol, decode, encode = V2_PATH.fullmatch(path), "v2", _decode_v2, _encode_v2
+        elif path.endswith(":predict"):
+            match, protocol, decode, encode = V1_PATH.fullmatch(path), "v1", _decode_v1, _encode_v1
+        else:
+            return False
+        if match is None:
+            return False
+        if scope["method"] != "POST":
+            message = f"method {scope['method']} is not allowed on {path}; use POST"
+            await Reply(405, orjson.dumps({"error": message}), {"Allow": "POST"}).send(send)
+            return True
         # first occurrence wins, as with Starlette's Headers.get; names arrive lower-cased
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
         try:
             reply = await self._serve(receive, headers, protocol, match.group(1), match.group(2), decode, encode)
         except ClientGone:
-            return  # nobody to answer
+            return True  # nobody to answer
+        except Exception as exc:  # a bug: logged with its stack, answered like the app's own handler
+            log.exception("unexpected error on %s %s", scope["method"], path)
+            message = f"internal error ({type(exc).__name__}); see the gateway log"
+            reply = Reply(500, orjson.dumps({"error": message}))
         await reply.send(send)
+        return True
 
     async def _serve(self, receive: Receive, headers: Headers, protocol: str, model: str, version: str | None,
                      decode: Decode, encode: Encode) -> Reply:
@@ -178,7 +184,7 @@ class InferenceEndpoints:
         except Exception as exc:
             metrics.requests.labels(label, version_label, "pinned" if version else "", protocol, "error").inc()
             span.record_exception(exc)
-            raise  # the app's handler logs it with the stack and answers 500 JSON
+            raise  # `handle` logs it with the stack and answers 500 JSON
 
         refusal = await _audit(gateway, model, answer, decoded, span, started)
         if refusal is not None:
