@@ -148,11 +148,13 @@ class Batcher:
             try:
                 feeds = _stacked(batch.requests)
                 results = self.inline.run(self.model, feeds, None, _latest_deadline(batch.requests))
-            except (InferenceFailed, InferenceTimeout) as exc:
+            except Exception as exc:  # a failed run fails its batch, never the loop or the rest of the turn
                 batch.finished = True
+                kind = type(exc) if isinstance(exc, (InferenceFailed, InferenceTimeout)) else InferenceFailed
+                message = str(exc) if kind is type(exc) else f"batch run failed: {exc}"
                 for request in batch.requests:
                     if not request.future.done():
-                        request.future.set_exception(type(exc)(str(exc)))  # one instance per request
+                        request.future.set_exception(kind(message))  # one instance per request
                 continue
             batch.finished = True
             for request, result in zip(batch.requests, _split(results, batch.requests), strict=True):
@@ -186,13 +188,17 @@ class Batcher:
         """Up to max_batch_size rows of live requests, oldest first (a larger request runs alone)."""
         taken: list[_Request] = []
         rows = 0
+        now = asyncio.get_running_loop().time()
         while self._waiting:
             request = self._waiting[0]
             if taken and rows + request.rows > self.max_batch_size:
                 break
             self._waiting.popleft()
             self._waiting_rows -= request.rows
-            if request.future.done():  # its deadline passed while it waited
+            if request.future.done():  # timed out (or its client left) while it waited
+                continue
+            if now >= request.deadline:  # due, but the loop was too busy to run its expiry yet
+                _expire(request)
                 continue
             taken.append(request)
             rows += request.rows
