@@ -189,17 +189,22 @@ def test_a_version_with_fault_injection_runs_on_the_pool(repo_copy: tuple[Path, 
         versions = executions(client)
         assert versions["1"]["faults"] is not None
         assert {v: e["execution"] for v, e in versions.items()} == {"1": "thread", "2": "inline"}
+        # an inline version always runs through a batcher on the loop; a pool version only with `batching`
+        assert "batching" not in versions["1"] and versions["2"]["batching"]["batches"] == 0
 
 
-def test_a_batching_policy_runs_every_version_in_batches(repo_copy: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("execution", ["inline", "thread"])
+def test_a_batching_policy_runs_every_version_in_batches(repo_copy: tuple[Path, Path], execution: str) -> None:
     models, policies = repo_copy
-    patch_policy(policies, MODEL, guard={"execution": "inline"},
+    patch_policy(policies, MODEL, guard={"execution": execution},
                  batching={"max_batch_size": 16, "max_queue_delay_ms": 2, "max_concurrent_batches": 1})
     with make_client(models, policies) as client:
         versions = executions(client)
-        assert {v: e["execution"] for v, e in versions.items()} == {"1": "batch", "2": "batch"}
-        assert versions["1"]["batching"]["batches"] == 0
-        assert versions["1"]["batching"]["max_batch_size"] == 16
+        # batches run on the event loop (inline) or on the pool (thread), as guard.execution says
+        assert {v: e["execution"] for v, e in versions.items()} == {"1": execution, "2": execution}
+        for entry in versions.values():
+            assert entry["batching"]["batches"] == 0
+            assert entry["batching"]["max_batch_size"] == 16 and entry["batching"]["max_queue_delay_ms"] == 2
         answer = client.post(f"/v2/models/{MODEL}/versions/1/infer", json=v2_body([good_row(), good_row()]))
         assert answer.status_code == 200 and "fallback" not in answer.json()["parameters"], answer.text
         batching = executions(client)["1"]["batching"]
@@ -218,6 +223,7 @@ def test_auto_execution_follows_the_warm_up_run_time(run_ms: float | None, expec
     served, why = serve_version(MODEL, entry, policy, "", BreakerBoard(), None, 100)
     assert served is not None, why
     assert served.execution == expected
+    assert (served.batcher is not None) == (expected == "inline")  # the policy has no `batching`
 
 
 # --- batching needs a variable batch dimension --------------------------------------------------
@@ -253,7 +259,12 @@ def test_a_fixed_batch_dimension_is_refused_only_with_batching(tmp_path: Path, b
         write_policy(policies, name, batching)
     snapshot = build_snapshot(ModelRepository(models, RuntimeOptions()), policies, 100)
     fixed, variable = snapshot.model("fixed"), snapshot.model("variable")
-    assert variable.served["1"].execution in (("batch",) if batching else ("inline", "thread"))
+    served = variable.served["1"]
+    assert served.execution in ("inline", "thread")
+    if batching:
+        assert served.batcher is not None and served.batcher.max_batch_size == 8
+    else:  # only an inline version batches without a `batching` section
+        assert (served.batcher is not None) == (served.execution == "inline")
     if batching:
         assert fixed.served == {}
         assert BATCHING_MISFIT in fixed.version_reasons["1"]
