@@ -261,10 +261,11 @@ class Guard(_Policy):
     breaker: Breaker = Breaker()
     """The circuit breaker each version of the model gets."""
     execution: Literal["auto", "inline", "thread"] = "auto"
-    """Where a version's model runs: `inline` on the event loop (no thread hop; a watchdog thread
-    terminates a run that overruns the deadline), `thread` on the worker pool, or `auto`: inline
-    when the version's single-row run measured at warm-up takes at most 0.25 ms, else thread.
-    Versions with fault injection, and models with `batching`, always use the pool."""
+    """Where a version's model runs: `inline` on the event loop (no thread hop; requests of one
+    loop turn share a run; a watchdog thread terminates a run that overruns the deadline),
+    `thread` on the worker pool, or `auto`: inline when the version's single-row run measured at
+    warm-up takes at most 0.25 ms, else thread. Versions with fault injection always use the pool.
+    `batching` applies either way (its batches run where the version runs)."""
 
 
 class Batching(_Policy):
