@@ -42,7 +42,16 @@ GATHER_S = 0.02  # how long the writer lets records gather before a batch (bound
 
 def canonical(record: dict[str, Any]) -> bytes:
     """The record's canonical JSON (sorted keys, no spaces; numpy values become plain numbers)."""
-    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    """What orjson cannot write itself: object arrays (strings from binary tensors) and numpy scalars."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def chain_hash(previous: str, body: bytes) -> str:
@@ -64,6 +73,8 @@ class Redactor:
 
     def apply(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs with redacted fields dropped, masked, or replaced by keyed hashes."""
+        if not self.rules:
+            return inputs
         out = {}
         for name, values in inputs.items():
             action = self.rules.get(name)

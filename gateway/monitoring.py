@@ -27,7 +27,7 @@ from gateway.validation import ValidatedBatch
 
 log = logging.getLogger("gateway.monitoring")
 FOLD_BATCH = 512  # queued batches folded per numpy pass
-FOLD_DELAY_S = 0.05
+FOLD_DELAY_S = 0.1  # longer gathers, fewer numpy passes; drift windows lag by at most this
 
 
 @dataclass(frozen=True)

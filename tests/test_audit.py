@@ -725,3 +725,19 @@ def test_cli_show_refuses_a_bad_time(capsys: pytest.CaptureFixture[str], mixed: 
         cli.main(["audit", "show", str(mixed), "--since", "yesterday"])
     assert stopped.value.code == 2
     assert "not a time" in capsys.readouterr().err
+
+
+def test_records_carry_numpy_values_as_plain_json() -> None:
+    """The request path hands the writer raw arrays (strings from binary tensors, batch views)."""
+    import numpy as np
+    import orjson as json
+
+    from gateway.audit import canonical
+
+    wide = np.arange(6, dtype=np.float32).reshape(3, 2)
+    record = {"inputs": {"purpose": np.array(["car", "home"], dtype=object), "age": [41, 52]},
+              "outputs": {"probabilities": wide[:, 1], "label": np.array([0, 1], dtype=np.int64)[1:]},
+              "score": np.float32(0.5)}
+    assert json.loads(canonical(record)) == {
+        "inputs": {"age": [41, 52], "purpose": ["car", "home"]},
+        "outputs": {"label": [1], "probabilities": [1.0, 3.0, 5.0]}, "score": 0.5}

@@ -17,7 +17,6 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 from opentelemetry.trace import SpanKind
 
@@ -225,13 +224,13 @@ async def _audit(gateway: Gateway, model: str, answer: Answer, decoded: DecodedR
         return None
     attempted = str(answer.parameters.get("attempted_version", answer.version))
     entry = served.versions.get(attempted) if served is not None else None
-    inputs = {name: _plain(c.values) for name, c in decoded.columns.items()}
+    inputs = {name: c.values for name, c in decoded.columns.items()}  # the writer makes them plain JSON
     record = {
         "kind": "request", "time": time.time(), "request_id": answer.request_id, "trace_id": trace_id(span),
         "model": model, "version": answer.version, "attempted_version": attempted,
         "route": answer.parameters.get("route"),
         "inputs": gateway.redactor(model).apply(inputs),
-        "outputs": {name: _plain(array) for name, array in answer.outputs.items()},
+        "outputs": answer.outputs,
         "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         "fallback_reason": answer.parameters.get("fallback_reason"),
         "policy_sha256": served.policy.sha256 if served is not None and served.policy is not None else None,
@@ -245,13 +244,6 @@ async def _audit(gateway: Gateway, model: str, answer: Answer, decoded: DecodedR
         status, payload = error_payload(Unavailable(f"{exc}; the answer was withheld (audit.on_full: reject)"))
         return Reply(status, payload)
     return None
-
-
-def _plain(values: Any) -> Any:
-    """JSON-ready values (object arrays become lists; numeric arrays stay numpy for orjson)."""
-    if isinstance(values, np.ndarray) and values.dtype.kind == "O":
-        return values.tolist()
-    return values
 
 
 __all__ = ["InferenceEndpoints", "Reply"]
