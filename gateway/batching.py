@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import operator
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -238,7 +239,8 @@ class Batcher:
 def _stacked(requests: list[_Request]) -> dict[str, np.ndarray]:
     if len(requests) == 1:
         return dict(requests[0].feeds)
-    return {name: np.concatenate([r.feeds[name] for r in requests]) for name in requests[0].feeds}
+    feeds = [r.feeds for r in requests]
+    return {name: np.concatenate(list(map(operator.itemgetter(name), feeds))) for name in requests[0].feeds}
 
 
 def _split(results: dict[str, np.ndarray], requests: list[_Request]) -> list[dict[str, np.ndarray]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,9 +233,11 @@ class Monitoring:
 def _columns(jobs: list[_Job]) -> dict[str, np.ndarray]:
     """One 1-D column per monitored feature over all the jobs' rows (first value of each row)."""
     columns = {}
+    feeds = [job.feeds for job in jobs]
     for name, source in jobs[0].sources.items():
-        parts = [job.feeds[source] for job in jobs if source in job.feeds]
-        if len(parts) != len(jobs):
+        try:
+            parts = list(map(operator.itemgetter(source), feeds))  # C-level loop: many jobs per fold
+        except KeyError:
             continue
         stacked = parts[0] if len(parts) == 1 else np.concatenate(parts)
         columns[name] = stacked.reshape(len(stacked), -1)[:, 0]
