@@ -244,7 +244,10 @@ class AuditWriter:
         if self._queue is None:
             raise RuntimeError("the audit writer is not started")
         if on_full == "block":
-            await self._queue.put(record)
+            try:
+                self._queue.put_nowait(record)  # the common case, without making a coroutine
+            except asyncio.QueueFull:
+                await self._queue.put(record)
             return True
         try:
             self._queue.put_nowait(record)
@@ -286,7 +289,8 @@ class AuditWriter:
         lines = []
         seq, last = self._tail.seq, self._tail.last_hash
         for record in records:
-            body = canonical({**record, "seq": seq, "prev": last})
+            record["seq"], record["prev"] = seq, last  # the record is the writer's now: no copy
+            body = canonical(record)
             digest = chain_hash(last, body)
             lines.append(body[:-1] + b',"hash":"' + digest.encode() + b'"}\n')
             seq, last = seq + 1, digest
