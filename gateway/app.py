@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,11 @@ class Gateway:
         self.publish(self.control.reconcile(snapshot))  # on the loop: it may hand decisions to the audit log
         self.rollouts.resume_all()
         self.monitor.start()
+        # Everything loaded so far (modules, sessions, policies) lives as long as the process: move
+        # it out of the collector's sight, so a full collection under load scans only what requests
+        # made (a full pass over the start-up heap stalled the loop for 50-90 ms).
+        gc.collect()
+        gc.freeze()
 
     def _serve_version(self, model: ServedModel, entry: ModelVersion) -> tuple[ServedVersion | None, str]:
         faults = None
