@@ -82,6 +82,7 @@ class RequestValidator:
         self.plans = plans
         self.known_fields = frozenset(p.source for p in plans)
         self._quick = _quick_plans(plans)
+        self._row = _RowPlan.of(plans)
 
     def validate(self, columns: dict[str, Column]) -> ValidatedBatch:
         """Return the feeds, or raise SchemaViolation listing every problem."""
@@ -136,6 +137,10 @@ class RequestValidator:
         ignored = [name for name in columns if name not in self.known_fields]
         if ignored and self.reject_unknown:
             return None
+        if self._row is not None:
+            feeds = self._row.feeds(columns)
+            if feeds is not None:
+                return ValidatedBatch(feeds=feeds, rows=1, ignored_fields=ignored)
         rows = -1
         feeds = {}
         for source, name, rank2, accepts, convert in self._quick:
@@ -217,6 +222,67 @@ class RequestValidator:
                                    "one value per row (send this input as a v2 tensor)"))
             return None
         return array.reshape(shape)
+
+
+class _RowPlan:
+    """One row of many numeric features, checked as one vector: for models with dozens of float
+    inputs, per-column work dominated. Same acceptance and same feeds as the per-column paths;
+    anything else (several rows, a string, a bool, null, a bound broken) returns None."""
+
+    _EXACT = 2**53  # ints beyond this would round differently via float64
+
+    def __init__(self, plans: list[_Plan]) -> None:
+        target = plans[0].input.datatype
+        self.sources = [p.source for p in plans]
+        self.names = [p.input.name for p in plans]
+        self.shapes = [(1, 1) if len(p.input.shape) == 2 else (1,) for p in plans]
+        self.same_rank = len(set(self.shapes)) == 1
+        self.accepts = frozenset(d for d in NUMPY_DTYPES if is_safe_cast(d, target))
+        self.low = np.array([p.feature.min if p.feature.min is not None else -math.inf for p in plans])
+        self.high = np.array([p.feature.max if p.feature.max is not None else math.inf for p in plans])
+        self.limit = _FLOAT_LIMITS.get(target, sys.float_info.max)
+        self.whole = np.array([p.feature.type == "int" for p in plans])
+        self.any_whole = bool(self.whole.any())
+        self.dtype = NUMPY_DTYPES[target]
+
+    @classmethod
+    def of(cls, plans: list[_Plan]) -> _RowPlan | None:
+        """A plan when every input is a per-row float input fed by a float or int feature of one type."""
+        if not plans or len({p.input.datatype for p in plans}) != 1 or plans[0].input.datatype not in FLOAT_TYPES:
+            return None
+        if not all(p.per_row and p.feature.type in ("float", "int") for p in plans):
+            return None
+        return cls(plans)
+
+    def feeds(self, columns: dict[str, Column]) -> dict[str, np.ndarray] | None:
+        """The feeds of a one-row request that passes every check, else None."""
+        values = []
+        exact = self._EXACT
+        for source in self.sources:
+            column = columns.get(source)
+            if column is None or column.absent_rows or type(column.values) is not list or len(column.values) != 1:
+                return None
+            if column.declared is not None and column.declared not in self.accepts:
+                return None
+            shape = column.shape
+            if shape is not None and shape not in ((1,), (1, 1)):
+                return None
+            value = column.values[0]
+            kind = type(value)
+            if kind is not float and (kind is not int or not -exact <= value <= exact):
+                return None
+            values.append(value)
+        row = np.array(values, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # NaN compares false: it fails the bounds and leaves
+            if not ((self.low <= row) & (row <= self.high) & (np.abs(row) <= self.limit)).all():
+                return None
+        if self.any_whole and not (row[self.whole] == np.floor(row[self.whole])).all():
+            return None
+        cast = row.astype(self.dtype)
+        if self.same_rank:  # one view per input, made by numpy's own iteration
+            return dict(zip(self.names, cast.reshape(len(self.names), *self.shapes[0]), strict=True))
+        return {name: cast[i:i + 1].reshape(shape) for i, (name, shape) in enumerate(zip(self.names, self.shapes,
+                                                                                            strict=True))}
 
 
 #: (field, model input, input is [-1, 1], client datatypes that convert safely, list -> array or None)

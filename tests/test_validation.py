@@ -611,3 +611,49 @@ def test_an_infinity_for_a_float64_input_is_refused_unless_allowed(value: float)
     lenient = InputSchema(features={"x": FeatureSpec(type="float", allow_inf=True)})
     batch = RequestValidator(signature, lenient).validate({"x": Column("x", [value], (1, 1), "FP64")})
     assert batch.feeds["x"].tolist() == [[value]]
+
+
+# --- the one-row vector path (models with many numeric inputs) agrees with the column paths ----
+
+_NUMERIC_SIGNATURE = Signature(inputs=[TensorSpec(name=f"f{i}", datatype="FP32", shape=[-1, 1]) for i in range(4)]
+                               + [TensorSpec(name="flat", datatype="FP32", shape=[-1])], outputs=[])
+_NUMERIC_SCHEMA = InputSchema(features={
+    "f0": FeatureSpec(type="float", min=-1, max=1),
+    "f1": FeatureSpec(type="int", min=0, max=10),
+    "f2": FeatureSpec(type="float"),
+    "f3": FeatureSpec(type="float", allow_nan=True, nullable=True),
+    "flat": FeatureSpec(type="int"),
+})
+_NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**60), 2**60),
+                     st.integers(-3, 12), st.floats(-2, 2), st.none(), st.booleans(), st.just("1"),
+                     st.just(1e39), st.just(2**53 + 1))
+
+
+@settings(max_examples=600, deadline=None)
+@given(values=st.fixed_dictionaries({name: st.lists(_NUMBERS, min_size=1, max_size=2)
+                                     for name in ["f0", "f1", "f2", "f3", "flat"]}),
+       declared=st.sampled_from([None, "FP32", "FP64", "INT64", "INT8", "BYTES"]),
+       shape=st.sampled_from(["[N,1]", "[N]", "none"]))
+def test_the_row_vector_path_agrees_with_the_column_paths(values: dict[str, list[Any]], declared: str | None,
+                                                          shape: str) -> None:
+    rows = len(values["f0"])
+    columns = {}
+    for name, column in values.items():
+        data = (column * rows)[:rows]
+        dims = None if shape == "none" else ((rows, 1) if shape == "[N,1]" else (rows,))
+        columns[name] = Column(name, data, dims, declared if dims is not None else None)
+    vector = RequestValidator(_NUMERIC_SIGNATURE, _NUMERIC_SCHEMA)
+    assert vector._row is not None
+    columns_only = RequestValidator(_NUMERIC_SIGNATURE, _NUMERIC_SCHEMA)
+    columns_only._row = None
+    full = RequestValidator(_NUMERIC_SIGNATURE, _NUMERIC_SCHEMA)
+    full._row, full._quick = None, None
+    assert _outcome(_validate(vector, columns)) == _outcome(_validate(columns_only, columns)) \
+        == _outcome(_validate(full, columns))
+
+
+def test_the_row_vector_path_serves_a_clean_numeric_row() -> None:
+    checker = RequestValidator(_NUMERIC_SIGNATURE, _NUMERIC_SCHEMA)
+    assert checker._row is not None
+    row = {"f0": [0.5], "f1": [3], "f2": [1e6], "f3": [-2.0], "flat": [7]}
+    assert checker._row.feeds({k: Column(k, v, (1, 1), "FP64") for k, v in row.items()}) is not None
