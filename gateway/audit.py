@@ -45,6 +45,34 @@ def canonical(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY, default=_plain)
 
 
+def _serialisable(record: dict[str, Any]) -> bytes:
+    """`canonical(record)`; a value JSON cannot carry as a number (an integer beyond 64 bits, which
+    a client can send) is written as its decimal string instead, so one request can never stop the log."""
+    try:
+        return canonical(record)
+    except (TypeError, orjson.JSONEncodeError):
+        pass
+    try:
+        return canonical(_big_ints_as_text(record))
+    except (TypeError, orjson.JSONEncodeError) as exc:  # anything else: keep the facts, name the problem
+        log.error("audit record %s could not be serialised: %s", record.get("request_id"), exc)
+        kept: dict[str, Any] = {k: record[k] for k in ("kind", "time", "request_id", "trace_id", "model", "version",
+                                                       "seq", "prev") if k in record}
+        return canonical({**kept, "unserialisable": str(exc)})
+
+
+def _big_ints_as_text(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _big_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_big_ints_as_text(v) for v in value]
+    if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+        return [_big_ints_as_text(v) for v in value.tolist()]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
+
+
 def _plain(value: Any) -> Any:
     """What orjson cannot write itself: object arrays (strings from binary tensors) and numpy scalars."""
     if isinstance(value, np.ndarray):
@@ -273,7 +301,7 @@ class AuditWriter:
                 try:     # each model's on_full decides what its clients see)
                     await asyncio.to_thread(self._write, batch)
                     break
-                except OSError:
+                except Exception:  # a disk error, or a bug: never drop, never die; the queue fills meanwhile
                     log.exception("audit log write failed; retrying %d records", len(batch))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
@@ -290,7 +318,7 @@ class AuditWriter:
         seq, last = self._tail.seq, self._tail.last_hash
         for record in records:
             record["seq"], record["prev"] = seq, last  # the record is the writer's now: no copy
-            body = canonical(record)
+            body = _serialisable(record)
             digest = chain_hash(last, body)
             lines.append(body[:-1] + b',"hash":"' + digest.encode() + b'"}\n')
             seq, last = seq + 1, digest

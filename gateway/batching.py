@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.errors import InferenceFailed, InferenceTimeout
+from gateway.errors import InferenceFailed, InferenceTimeout, QueuedTooLong
 from gateway.runtime import BeforeRun, InlineRunner, OnnxModel, RunControl
 
 
@@ -85,7 +85,7 @@ class Batcher:
         """This request's rows of its batch's outputs; InferenceTimeout at its own deadline."""
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
-            raise InferenceTimeout("deadline passed before the request could join a batch")
+            raise QueuedTooLong("deadline passed before the request could join a batch")
         request = _Request(feeds, rows, loop.create_future(), deadline)
         self._waiting.append(request)
         self._waiting_rows += rows
@@ -149,6 +149,7 @@ class Batcher:
             try:
                 feeds = _stacked(batch.requests)
                 results = self.inline.run(self.model, feeds, None, _latest_deadline(batch.requests))
+                answers = _split(results, batch.requests)
             except Exception as exc:  # a failed run fails its batch, never the loop or the rest of the turn
                 batch.finished = True
                 kind = type(exc) if isinstance(exc, (InferenceFailed, InferenceTimeout)) else InferenceFailed
@@ -158,7 +159,7 @@ class Batcher:
                         request.future.set_exception(kind(message))  # one instance per request
                 continue
             batch.finished = True
-            for request, result in zip(batch.requests, _split(results, batch.requests), strict=True):
+            for request, result in zip(batch.requests, answers, strict=True):
                 if not request.future.done():
                     request.future.set_result(result)
 
@@ -261,6 +262,6 @@ def _latest_deadline(requests: list[_Request]) -> float:
 
 def _expire(request: _Request) -> None:
     if not request.future.done():
-        request.future.set_exception(InferenceTimeout(
-            "deadline passed before the batch answered" if request.batch is not None
-            else "deadline passed while waiting for a batch"))
+        request.future.set_exception(InferenceTimeout("deadline passed before the batch answered")
+                                     if request.batch is not None
+                                     else QueuedTooLong("deadline passed while waiting for a batch"))

@@ -151,6 +151,12 @@ class InferenceTimeout(GatewayError):
     counts_against_breaker = True
 
 
+class QueuedTooLong(InferenceTimeout):
+    """The deadline passed before the model ran: queueing, not the version, so the breaker ignores it."""
+
+    counts_against_breaker = False
+
+
 class InferenceFailed(GatewayError):
     """The runtime raised an error while running a validated request."""
 

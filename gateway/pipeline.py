@@ -24,6 +24,7 @@ from gateway.errors import (
     InferenceFailed,
     InferenceTimeout,
     Overloaded,
+    QueuedTooLong,
     SchemaViolation,
     Unavailable,
     Violation,
@@ -92,6 +93,9 @@ class InferencePipeline:
             self._monitor.count(model.name)
         budget = model.timeout_s if call.timeout_ms is None else min(model.timeout_s, call.timeout_ms / 1000)
         deadline = call.arrived + budget
+        # A deadline the client shortened is the client's choice: running out of it says nothing
+        # about the version, so it neither trips the breaker nor counts in rollout figures.
+        client_deadline = budget < model.timeout_s
         request_id = call.request_id if call.request_id is not None else new_request_id()
         tracer = stage_tracer(self._tracer)
         try:
@@ -117,10 +121,13 @@ class InferencePipeline:
         try:
             with tracer.start_as_current_span("infer") as span:
                 span.set_attribute("gateway.version", version)
-                results = await self._guarded_run(served, batch, run_outputs, deadline)
+                results = await self._guarded_run(served, batch, run_outputs, deadline, client_deadline)
         except _RECOVERABLE as exc:
             if not isinstance(exc, Overloaded):  # overload is the process's, not the version's, fault
-                self.stats.record(model.name, version, self._elapsed(call), True, model.fallback is not None)
+                version_failed = not (isinstance(exc, QueuedTooLong)
+                                      or (client_deadline and isinstance(exc, InferenceTimeout)))
+                self.stats.record(model.name, version, self._elapsed(call), version_failed,
+                                  model.fallback is not None)
             if model.fallback is None:
                 raise
             with tracer.start_as_current_span("fallback") as span:
@@ -158,7 +165,7 @@ class InferencePipeline:
         return asyncio.get_running_loop().time() - call.arrived
 
     async def _guarded_run(self, served: ServedVersion, batch: ValidatedBatch, outputs: list[str] | None,
-                           deadline: float) -> dict[str, np.ndarray]:
+                           deadline: float, client_deadline: bool = False) -> dict[str, np.ndarray]:
         if self.in_flight >= self._max_queued:
             raise Overloaded(f"{self.in_flight} model calls are already in flight or queued "
                              f"(GATEWAY_MAX_QUEUED_INFERENCES={self._max_queued})")
@@ -172,7 +179,13 @@ class InferencePipeline:
             else:
                 before_run = served.faults.before_run() if served.faults else None
                 results = await model.predict(batch.feeds, outputs, self._executor, deadline, before_run)
-        except (InferenceTimeout, InferenceFailed) as exc:
+        except InferenceTimeout as exc:
+            if client_deadline or isinstance(exc, QueuedTooLong):
+                served.breaker.release(ticket)
+            else:
+                served.breaker.record(ticket, exc)
+            raise
+        except InferenceFailed as exc:
             served.breaker.record(ticket, exc)
             raise
         except BaseException:  # e.g. the client went away: the call taught us nothing

@@ -68,10 +68,16 @@ def _batching_misfits(policy: Policy, signature: Signature) -> list[Misfit]:
     if policy.batching is None:
         return []
     fixed = [f"{t.name} {t.shape}" for t in (*signature.inputs, *signature.outputs) if not t.shape or t.shape[0] != -1]
-    if not fixed:
-        return []
-    return [Misfit(("batching",), "batching needs a variable first (batch) dimension on every input and output; "
-                                  f"fixed: {', '.join(fixed)}")]
+    ragged = [f"{t.name} {t.shape}" for t in signature.inputs if -1 in t.shape[1:]]
+    found = []
+    if fixed:
+        found.append(Misfit(("batching",), "batching needs a variable first (batch) dimension on every input and "
+                                           f"output; fixed: {', '.join(fixed)}"))
+    if ragged:
+        found.append(Misfit(("batching",), "batching needs fixed dimensions after the first on every input "
+                                           f"(requests of different widths cannot be stacked); variable: "
+                                           f"{', '.join(ragged)}"))
+    return found
 
 
 def _fallback_misfits(policy: Policy, signature: Signature, score: ScoreSpec | None) -> list[Misfit]:

@@ -356,7 +356,8 @@ def _execution(spec: Policy | None, entry: ModelVersion, faults: FaultInjector |
         wanted == "auto" and run_ms is not None and run_ms <= INLINE_MAX_RUN_MS))
     if inline:  # (injected delays sleep: a version with faults never runs on the event loop)
         signature = entry.model.signature
-        stackable = all(t.shape and t.shape[0] == -1 for t in (*signature.inputs, *signature.outputs))
+        stackable = all(t.shape and t.shape[0] == -1 for t in (*signature.inputs, *signature.outputs)) and all(
+            -1 not in t.shape[1:] for t in signature.inputs)  # requests of different widths cannot be stacked
         size, delay_s = ((batching.max_batch_size, batching.max_queue_delay_ms / 1000) if batching
                          else (INLINE_MAX_BATCH if stackable else 1, 0.0))  # 1 row: never stacks requests
         return "inline", Batcher(entry.model, size, delay_s, inline=INLINE)

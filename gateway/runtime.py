@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gateway.card import Signature, TensorSpec
-from gateway.errors import InferenceFailed, InferenceTimeout
+from gateway.errors import InferenceFailed, InferenceTimeout, QueuedTooLong
 from gateway.tensors import ONNX_TO_DATATYPE
 
 
@@ -175,7 +175,7 @@ class InlineRunner:
             deadline: float | None) -> dict[str, np.ndarray]:
         """Run now, on this thread; InferenceTimeout when the deadline passed before or during the run."""
         if deadline is not None and time.monotonic() >= deadline:
-            raise InferenceTimeout("deadline passed before the model could run")
+            raise QueuedTooLong("deadline passed before the model could run")
         if self._watchdog is None:
             self._start()
         control = RunControl()

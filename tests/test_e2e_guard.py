@@ -64,7 +64,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def test_a_hanging_version_is_answered_by_the_deadline_then_the_breaker_trips_and_recovers(
+def test_a_client_deadline_is_answered_by_the_fallback_and_never_trips_the_breaker(
         repo_copy: tuple[Path, Path], start_server: StartServer) -> None:
     models, policies = repo_copy
     write_policy(policies, guard={"timeout_ms": 400, "breaker": {"fail_max": 3, "reset_timeout_s": 0.6}},
@@ -74,7 +74,7 @@ def test_a_hanging_version_is_answered_by_the_deadline_then_the_breaker_trips_an
         # within the policy's 400 ms the slow version still answers
         assert predict(client).headers["x-route"] == "stable"
         # a client that can only wait 50 ms gets the fallback at its deadline, marked as such
-        for _ in range(3):
+        for _ in range(4):
             started = time.perf_counter()
             answer = predict(client, **{"X-Timeout-Ms": "50"})
             elapsed = time.perf_counter() - started
@@ -86,24 +86,41 @@ def test_a_hanging_version_is_answered_by_the_deadline_then_the_breaker_trips_an
             assert body["parameters"]["attempted_version"] == "1"
             assert set(body["predictions"][0]) == {"label", "probabilities"}
             assert elapsed < 0.05 + 0.1, f"deadline overshot: {elapsed:.3f} s"
-        # three timeouts: the breaker is open, and answers come from the fallback at once
+        # the client chose that deadline: the version is not at fault, its breaker stays closed
+        assert breaker_state(client, "1") == "closed"
+        assert predict(client).headers["x-route"] == "stable"
+        assert metric(client, "gateway_fallbacks_total", model=MODEL, reason="timeout") == 4
+        status = client.get("/status").json()["models"][0]
+        assert "version 1 has fault injection active" in status["degraded_reasons"]
+
+
+def test_a_version_past_the_policy_deadline_trips_its_breaker_and_recovers(
+        repo_copy: tuple[Path, Path], start_server: StartServer) -> None:
+    models, policies = repo_copy
+    write_policy(policies, guard={"timeout_ms": 100, "breaker": {"fail_max": 3, "reset_timeout_s": 0.6}},
+                 faults=[{"version": "1", "delay_ms": 300, "delay_percent": 100}])
+    server = start_server(models, policies, env=FAULTS_ON)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for _ in range(3):
+            started = time.perf_counter()
+            answer = predict(client)
+            assert answer.headers["x-fallback"] == "timeout", answer.headers
+            assert time.perf_counter() - started < 0.1 + 0.1, "deadline overshot"
+        # three timeouts at the policy's deadline: the breaker is open, and answers come at once
         assert breaker_state(client, "1") == "open"
         started = time.perf_counter()
         skipped = predict(client)
         assert skipped.headers["x-fallback"] == "circuit_open"
         assert time.perf_counter() - started < 0.1  # never waited for the slow version
         assert metric(client, "gateway_breaker_state", model=MODEL, version="1") == 2
-        # after the reset timeout one trial goes through; it succeeds within 400 ms and closes the breaker
+        # after the reset timeout one trial goes through; still too slow, so the breaker opens again
         time.sleep(0.6)
         trial = predict(client)
-        assert trial.status_code == 200 and trial.headers["x-route"] == "stable", trial.headers
-        assert breaker_state(client, "1") == "closed"
+        assert trial.headers["x-fallback"] == "timeout", trial.headers
+        assert breaker_state(client, "1") == "open"
         assert metric(client, "gateway_breaker_transitions_total", model=MODEL, version="1", state="half-open") == 1
-        assert metric(client, "gateway_fallbacks_total", model=MODEL, reason="timeout") == 3
+        assert metric(client, "gateway_fallbacks_total", model=MODEL, reason="timeout") == 4
         assert metric(client, "gateway_fallbacks_total", model=MODEL, reason="circuit_open") == 1
-        status = client.get("/status").json()["models"][0]
-        assert status["answers"]["fallbacks"] == {"timeout": 3, "circuit_open": 1}
-        assert "version 1 has fault injection active" in status["degraded_reasons"]
 
 
 def test_an_erroring_version_trips_its_breaker_and_a_failed_trial_reopens_it(

@@ -29,7 +29,7 @@ async def receive_body(receive: Callable[[], Awaitable[MutableMapping[str, Any]]
     exceed `limit` bytes; ClientGone if the client disconnects first. `headers` have lower-case names."""
     declared = headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise MalformedRequest([Violation("Content-Length", "malformed", "a byte count", repr(declared))])
         if int(declared) > limit:
             raise RequestTooLarge(f"request body is {int(declared)} bytes; the limit is {limit} bytes")
@@ -74,7 +74,7 @@ def header_length(headers: Mapping[str, str]) -> int | None:
     value = headers.get("inference-header-content-length")
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not (value.strip().isascii() and value.strip().isdigit()):
         raise MalformedRequest([Violation("Inference-Header-Content-Length", "malformed", "a byte count",
                                           repr(value))])
     return int(value)
