@@ -94,11 +94,15 @@ class Batcher:
             self._kick(loop, executor)
         elif self._timer is None:
             self._timer = loop.call_later(self.max_queue_delay_s, self._on_delay, loop, executor)
-        expiry = loop.call_at(deadline, _expire, request)
+        # An inline batcher without a delay runs this request in the next loop turn, and `_take`
+        # checks the deadline there; a timer per request would only cost heap pushes on the hot path.
+        expiry = None if self.inline is not None and self.max_queue_delay_s <= 0 else loop.call_at(
+            deadline, _expire, request)
         try:
             results = await request.future
         finally:
-            expiry.cancel()
+            if expiry is not None:
+                expiry.cancel()
             batch = request.batch
             if batch is not None and not batch.finished and batch.abandoned():
                 batch.control.cancel()  # nobody waits for this batch any more (timed out or went away)
