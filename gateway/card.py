@@ -113,6 +113,10 @@ class ModelCard(_Card):
     version: str
     description: str = ""
     owner: str
+    intended_use: str = ""
+    """What the model is for, and who may rely on it (the readiness checklist requires it)."""
+    limitations: list[str] = []
+    """Known weaknesses and uses it is not fit for (the readiness checklist requires at least one)."""
     platform: str = "onnxruntime_onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of model.onnx")
     signature: Signature

@@ -437,6 +437,97 @@ class Audit(_Policy):
     the client, nothing answered unrecorded), or `drop` (answered, the record is dropped and counted)."""
 
 
+class ProtectedGroup(_Policy):
+    """A column of the model's data whose groups must be treated alike (e.g. `gender`, or `age` in bands)."""
+
+    column: str = Field(min_length=1)
+    """Column of the data files (it need not be a model input)."""
+    bins: list[float] | None = None
+    """Cut a numeric column into bands at these ascending edges (e.g. [25, 62]: <25, 25-62, >=62)."""
+    min_rows: int = Field(default=30, ge=1)
+    """Groups with fewer held-out rows than this are reported but not judged (too few to tell)."""
+
+    @model_validator(mode="after")
+    def _ascending(self) -> ProtectedGroup:
+        if self.bins is not None and (not self.bins or any(b <= a for a, b in zip(self.bins, self.bins[1:],
+                                                                                  strict=False))):
+            raise ValueError("bins must be a non-empty list of strictly ascending edges")
+        return self
+
+
+class Fairness(_Policy):
+    """Fairness bounds across the protected groups, judged on the held-out data."""
+
+    groups: list[ProtectedGroup] = []
+    """The protected groups; none: the fairness item does not apply."""
+    decision_threshold: float | None = Field(default=None, ge=0, le=1)
+    """A row is a positive decision when its score is at least this; unset: when the label output
+    equals the card's `score.positive_label`."""
+    min_positive_rate_ratio: float = Field(default=0.8, ge=0, le=1)
+    """Lowest group positive-decision rate over the highest (the four-fifths rule: 0.8)."""
+    max_tpr_gap: float = Field(default=0.1, ge=0, le=1)
+    """Largest difference in true-positive rate between groups (equal opportunity)."""
+
+
+class ReadinessData(_Policy):
+    """The model's data files, under `models/<name>/<data dir>/`."""
+
+    dir: str = "data"
+    """Directory of the model (next to its versions) holding the files below."""
+    heldout: str = "heldout.csv"
+    """Held-out rows never trained on: the latest ones (a time-based split), with the label."""
+    rows: str | None = "applications.csv"
+    """Every row (training and held-out) the random split is drawn from; unset: no leakage check."""
+    golden: str = "golden.jsonl"
+    """Golden examples per version (`id`, `inputs`, `outputs`, `version`)."""
+    label: str | None = None
+    """Column with the true outcome; unset: the card's `training_data.label`."""
+    time_column: str | None = None
+    """Column the time-based split is ordered by (reported only)."""
+    random_seed: int = 0
+    """Seed of the random split, so the same inputs give the same report."""
+
+
+class Readiness(_Policy):
+    """The release readiness checklist's thresholds, and whether promotion requires a passing report."""
+
+    gate: Literal["enforce", "off"] = "enforce"
+    """`enforce`: a switch to, or a rollout of, a version needs a passing report for that model file
+    and this policy (an admin may force it, audited); `off`: reports are advisory."""
+    data: ReadinessData = ReadinessData()
+    """Where the model's data is."""
+    metric: Literal["auc", "accuracy", "brier", "log_loss"] = "auc"
+    """The held-out metric judged (auc and accuracy: higher is better; brier and log_loss: lower)."""
+    threshold: float = Field(default=0.7, ge=0)
+    """The held-out metric must reach this (at least for auc/accuracy, at most for brier/log_loss)."""
+    max_leakage_gap: float = Field(default=0.05, ge=0)
+    """Random-split metric better than the time-split one by more than this: a leakage signal, fail."""
+    margin_over_stable: float = Field(default=0.0, ge=-1, le=1)
+    """The candidate's metric must beat the current stable's by this much (negative: may be this
+    much worse)."""
+    margin_over_fallback: float = Field(default=0.02, ge=-1, le=1)
+    """The candidate's metric must beat the fallback rules' by this much."""
+    golden_tolerance: float = Field(default=1e-4, gt=0)
+    """Largest absolute difference from a golden example's recorded output."""
+    max_golden_regressions: int = Field(default=0, ge=0)
+    """Golden examples the stable version decides right (by the true label) and the candidate wrong."""
+    fairness: Fairness = Fairness()
+    """Fairness bounds."""
+    load_seconds: float = Field(default=20.0, gt=0, le=3600)
+    """Load test at twice `slo.peak_rps` for this long."""
+    soak_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    """Soak at `slo.peak_rps` for this long, sampling the gateway's memory."""
+    max_rss_growth: float = Field(default=0.1, gt=0)
+    """Resident memory may grow by at most this share between the soak's first and last thirds."""
+    required_signoffs: list[str] = ["model_owner"]
+    """Roles that must have approved the version in `signoffs.yaml` next to its card."""
+    alert_rules: str | None = "../docker/prometheus/alerts.yml"
+    """Prometheus alert rules file (relative to the policy file) the monitoring phase checks."""
+    production_url: str | None = None
+    """A production gateway's base URL whose environment fingerprint must match (`--production-url`
+    overrides)."""
+
+
 class Policy(_Policy):
     """Everything the gateway enforces for one model."""
 
@@ -466,6 +557,8 @@ class Policy(_Policy):
     """Outcome monitoring from delayed labels."""
     audit: Audit = Audit()
     """Audit log records and redaction."""
+    readiness: Readiness | None = None
+    """Release readiness checklist thresholds and the promotion gate (no gate when absent)."""
 
     def rule_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Fallback conditions naming unknown features or comparing unlike kinds, with their paths."""

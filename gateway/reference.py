@@ -20,6 +20,7 @@ from gateway.policy import (
     Canary,
     Drift,
     DriftRule,
+    Fairness,
     Fallback,
     FallbackRule,
     Fault,
@@ -29,6 +30,9 @@ from gateway.policy import (
     InputSchema,
     LowConfidence,
     Policy,
+    ProtectedGroup,
+    Readiness,
+    ReadinessData,
     RollbackCriteria,
     Rollout,
     Routing,
@@ -62,6 +66,10 @@ POLICY_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("drift.volume", Volume),
     ("feedback", Feedback),
     ("audit", Audit),
+    ("readiness", Readiness),
+    ("readiness.data", ReadinessData),
+    ("readiness.fairness", Fairness),
+    ("readiness.fairness.groups[]", ProtectedGroup),
 ]
 
 

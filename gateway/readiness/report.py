@@ -29,6 +29,10 @@ DELAY_BELOW = 0.80
 READY_ABOVE = 0.95
 
 
+#: item fields the content address leaves out (they vary from run to run)
+_UNADDRESSED = frozenset({"seconds", "measured"})
+
+
 @dataclass(frozen=True)
 class ItemResult:
     """One checklist item's outcome and the evidence behind it."""
@@ -42,6 +46,8 @@ class ItemResult:
     """One line a person reads: why it passed or failed."""
     evidence: dict[str, Any] = field(default_factory=dict)
     """Figures and facts (JSON-ready) the verdict rests on."""
+    measured: dict[str, Any] = field(default_factory=dict)
+    """Measurements that vary run to run (latencies, memory, durations): left out of the address."""
     seconds: float = 0.0
     """How long the check took (left out of the content address)."""
 
@@ -114,6 +120,10 @@ class ReadinessReport:
     """Inputs that shaped the run (data files and their hashes, settings), for the address."""
     timings: dict[str, Any] = field(default_factory=dict)
     """When it ran and how long it took (left out of the address)."""
+    maturity: dict[str, Any] = field(default_factory=dict)
+    """The deployment's maturity level (1 ad hoc .. 5 self-healing) and what it rests on."""
+    figures: list[dict[str, Any]] = field(default_factory=list)
+    """Plot data for the HTML page (left out of the address: some are measurements)."""
 
     @property
     def score(self) -> float:
@@ -135,8 +145,8 @@ class ReadinessReport:
         return {
             "model": self.model, "version": self.version, "model_sha256": self.model_sha256,
             "policy_sha256": self.policy_sha256, "context": self.context,
-            "items": [{k: v for k, v in asdict(i).items() if k != "seconds"} for i in self.items],
-            "score": round(self.score, 6), "band": self.band, "ready": self.ready,
+            "items": [{k: v for k, v in asdict(i).items() if k not in _UNADDRESSED} for i in self.items],
+            "score": round(self.score, 6), "band": self.band, "ready": self.ready, "maturity": self.maturity,
         }
 
     @property
@@ -147,4 +157,6 @@ class ReadinessReport:
     def as_json(self) -> dict[str, Any]:
         """The full report: content, address and timings."""
         return {**self.content(), "sha256": self.sha256, "timings": self.timings,
-                "seconds": {f"{i.phase}.{i.key}": i.seconds for i in self.items}}
+                "measured": {f"{i.phase}.{i.key}": i.measured for i in self.items if i.measured},
+                "seconds": {f"{i.phase}.{i.key}": i.seconds for i in self.items},
+                "figures": self.figures}
