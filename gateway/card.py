@@ -104,6 +104,9 @@ class GoldenExample(_Card):
     id: str
     inputs: dict[str, Any]
     outputs: dict[str, Any]
+    expected: dict[str, Any] | None = None
+    """The true outcome when known (e.g. `{label: 1}`): the readiness checklist counts golden
+    examples the stable version gets right and a candidate gets wrong."""
 
 
 class ModelCard(_Card):

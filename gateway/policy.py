@@ -463,8 +463,11 @@ class Fairness(_Policy):
     decision_threshold: float | None = Field(default=None, ge=0, le=1)
     """A row is a positive decision when its score is at least this; unset: when the label output
     equals the card's `score.positive_label`."""
+    favourable: Literal["positive", "negative"] = "positive"
+    """Which decision is the favourable one for the person (e.g. `negative` when positive means
+    "predicted to default"): the rate ratio compares how often each group gets it."""
     min_positive_rate_ratio: float = Field(default=0.8, ge=0, le=1)
-    """Lowest group positive-decision rate over the highest (the four-fifths rule: 0.8)."""
+    """Lowest group rate of the favourable decision over the highest (the four-fifths rule: 0.8)."""
     max_tpr_gap: float = Field(default=0.1, ge=0, le=1)
     """Largest difference in true-positive rate between groups (equal opportunity)."""
 

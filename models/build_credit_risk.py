@@ -292,6 +292,7 @@ def golden_examples(frame: pd.DataFrame, session: Any) -> list[dict[str, Any]]:
             "inputs": {name: json_value(row[name]) for name in FEATURES},
             "outputs": {"label": int(label[i]),
                         "probabilities": [round(float(p), 7) for p in probabilities[i]]},
+            "expected": {"label": int(row["default"])},
         })
     return examples
 
@@ -352,6 +353,14 @@ def build(out: Path) -> None:
             "description": f"Probability that a consumer-loan applicant defaults within 12 months "
                            f"({description}).",
             "owner": "risk-ml@example.com",
+            "intended_use": "Rank consumer-loan applications by default risk to support a human credit "
+                            "officer's decision; not for automated declines without review.",
+            "limitations": [
+                "Trained on synthetic data: figures show the gateway's checks, not a real credit market.",
+                "Applicants younger than 21 or older than 80 are rare in the training data.",
+                "The outcome drifts upward over time; retrain at least every six months.",
+                "Not calibrated for loans above 250,000 or terms above 60 months.",
+            ],
             "platform": "onnxruntime_onnx",
             "sha256": sha256_bytes(onnx_bytes),
             "signature": signature_of(session),

@@ -71,3 +71,20 @@ def test_the_address_ignores_timings_and_follows_the_content() -> None:
     assert changed.sha256 != first.sha256
     full = first.as_json()
     assert full["sha256"] == first.sha256 and full["seconds"] == {"p.x": 1.5} and full["timings"] == {"started": "t1"}
+
+
+def test_a_report_read_back_has_the_same_address_and_a_change_that_counts_breaks_it() -> None:
+    import orjson
+
+    from gateway.readiness.report import address_of
+
+    items = [ItemResult("model_validation", "heldout", "Held-out metric", "pass", "0.75 >= 0.72",
+                        {"auc": 0.75}, measured={"rows_per_s": 1234.5}, seconds=0.4)]
+    report = ReadinessReport("m", "2", "a" * 64, "b" * 64, items, maturity={"level": 4})
+    back = orjson.loads(orjson.dumps(report.as_json()))
+    assert address_of(back) == back["sha256"] == report.sha256
+    back["items"][0]["measured"] = {"rows_per_s": 1.0}  # measurements are outside the address
+    back["timings"] = {"seconds": 99}
+    assert address_of(back) == report.sha256
+    back["items"][0]["status"] = "fail"
+    assert address_of(back) != report.sha256

@@ -107,6 +107,30 @@ def band(value: float) -> Band:
     return "ready"
 
 
+#: the top-level keys of a report's JSON form that its address covers
+CONTENT_KEYS = ("model", "version", "model_sha256", "policy_sha256", "context", "items", "score", "band", "ready",
+                "maturity")
+
+
+def content_address(content: dict[str, Any]) -> str:
+    """sha256 of a report's content (the CONTENT_KEYS part of its JSON form), keys sorted."""
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def address_of(report: dict[str, Any]) -> str:
+    """Recompute the address of a report's JSON form (e.g. one read back from a file or upload).
+
+    Item fields outside the address (timings, measurements) are dropped first, so a report whose
+    address matches its `sha256` has not been changed where it counts.
+    """
+    content = {key: report.get(key) for key in CONTENT_KEYS}
+    items = content.get("items")
+    if isinstance(items, list):
+        content["items"] = [{k: v for k, v in i.items() if k not in _UNADDRESSED} if isinstance(i, dict) else i
+                            for i in items]
+    return content_address(content)
+
+
 @dataclass
 class ReadinessReport:
     """The whole run: what was checked, against which files, with what outcome."""
@@ -152,7 +176,7 @@ class ReadinessReport:
     @property
     def sha256(self) -> str:
         """The report's content address."""
-        return hashlib.sha256(orjson.dumps(self.content(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+        return content_address(self.content())
 
     def as_json(self) -> dict[str, Any]:
         """The full report: content, address and timings."""
