@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from gateway.api.errors import error_response, json_response
 from gateway.errors import GatewayError, Unavailable
+from gateway.readiness.fingerprint import environment
 from gateway.registry import ServedModel
 from gateway.repository import ModelVersion, version_key
 
@@ -140,7 +141,8 @@ async def status(request: Request) -> Response:
     return json_response({
         "server": {"name": SERVER_NAME, "version": gateway.version, "ready": snapshot.ready,
                    "degraded": degraded, "in_flight": pipeline.in_flight,
-                   "fault_injection_allowed": gateway.settings.allow_fault_injection},
+                   "fault_injection_allowed": gateway.settings.allow_fault_injection,
+                   "environment": environment()},
         "models": models,
         "policy_problems": snapshot.policy_problems,
     })

@@ -51,8 +51,9 @@ def decisions_of(outputs: dict[str, NDArray[Any]], scores: NDArray[np.float64], 
             flat = np.asarray(values).reshape(len(scores), -1)
             if name != spec.output and flat.shape[1] == 1:
                 column = flat[:, 0]
-                if column.dtype.kind in "iub" or column.dtype.kind == "f":
-                    return (column == spec.positive_label).astype(np.int64)
+                if column.dtype.kind in "iubf":
+                    hits: NDArray[np.int64] = (column == spec.positive_label).astype(np.int64)
+                    return hits
                 return np.array([v == spec.positive_label or str(v) == str(spec.positive_label)
                                  for v in column], dtype=np.int64)
     return (scores >= (0.5 if threshold is None else threshold)).astype(np.int64)
