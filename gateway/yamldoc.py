@@ -54,6 +54,30 @@ def format_path(loc: Sequence[str | int]) -> str:
     return out
 
 
+def _unconstructable(file: str, root: Any) -> list[Problem]:
+    """Positioned problems for scalars PyYAML parses but cannot turn into values (e.g. 2026-02-30)."""
+    constructor = yaml.constructor.SafeConstructor()
+    problems: list[Problem] = []
+
+    def walk(node: Any, loc: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(value, (*loc, str(key.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*loc, i))
+        elif isinstance(node, yaml.ScalarNode):
+            try:
+                constructor.construct_object(node, deep=True)
+            except (ValueError, OverflowError, yaml.YAMLError) as exc:
+                kind = "date" if node.tag == "tag:yaml.org,2002:timestamp" else "value"
+                problems.append(Problem(file, node.start_mark.line + 1, node.start_mark.column + 1,
+                                        format_path(loc), f"not a valid {kind} ({exc}) (got {node.value!r})"))
+
+    walk(root, ())
+    return problems
+
+
 class YamlDocument:
     """A parsed YAML mapping plus its node tree for positions."""
 
@@ -69,7 +93,11 @@ class YamlDocument:
             raise YamlDocumentError([Problem(file, line, column, "", f"invalid YAML: {reason}")]) from None
         self.duplicate_keys = self._duplicate_keys(self.root, ())
         """Keys given twice in one mapping (YAML keeps the last silently; we report them)."""
-        self.data: Any = yaml.load(text, Loader=_Loader) if self.root is not None else None
+        try:
+            self.data: Any = yaml.load(text, Loader=_Loader) if self.root is not None else None
+        except (ValueError, OverflowError) as exc:  # a well-formed scalar no value fits, e.g. 2026-02-30
+            problems = _unconstructable(file, self.root) or [Problem(file, 1, 1, "", f"invalid value: {exc}")]
+            raise YamlDocumentError(problems) from None
 
     @classmethod
     def read(cls, path: Path) -> YamlDocument:

@@ -286,3 +286,14 @@ def test_policies_that_load_also_pass_the_json_schema(tmp_path: Path, routing: d
     path = write(tmp_path, yaml.safe_dump(data))
     assert isinstance(load_policy(path).policy, Policy)
     _json_validator().validate(data)
+
+
+def test_an_impossible_date_in_a_policy_is_a_positioned_problem_not_a_crash(tmp_path: Path) -> None:
+    from gateway.policy import PolicyError, load_policy
+
+    path = tmp_path / "p.yaml"
+    path.write_text("model: m\ndescription: x\nschema:\n  features: {}\nnote: 2026-02-30\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    problem = caught.value.problems[0]
+    assert (problem.line, problem.column, problem.path) == (5, 7, "note") and "not a valid date" in problem.message

@@ -20,11 +20,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.card import ModelCard
-from gateway.yamldoc import Problem, YamlDocumentError, format_path, read_validated
+from gateway.yamldoc import Problem, YamlDocumentError, read_validated
 
 #: the sign-off file's name, next to a version's model.yaml
 SIGNOFF_FILE = "signoffs.yaml"
@@ -113,36 +112,7 @@ def read_signoffs(path: Path) -> list[Signoff]:
         signoffs, _ = read_validated(path, SignoffFile, "a sign-off file")
     except YamlDocumentError as exc:
         raise SignoffError(exc.problems) from None
-    except ValueError as exc:  # PyYAML raises a bare ValueError for impossible dates (2026-02-30)
-        raise SignoffError(_bad_timestamps(path) or [Problem(str(path), 1, 1, "", str(exc))]) from None
     return list(signoffs.signoffs)
-
-
-def _bad_timestamps(path: Path) -> list[Problem]:
-    """Positioned problems for the YAML timestamps of a file that are not real dates."""
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
-    constructor = yaml.constructor.SafeConstructor()
-    problems: list[Problem] = []
-
-    def walk(node: Any, loc: tuple[str | int, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                walk(value, (*loc, str(key.value)))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, (*loc, i))
-        elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:timestamp":
-            try:
-                constructor.construct_yaml_timestamp(node)
-            except ValueError as exc:
-                problems.append(Problem(str(path), node.start_mark.line + 1, node.start_mark.column + 1,
-                                        format_path(loc), f"not a valid date ({exc}) (got {node.value!r})"))
-
-    walk(root, ())
-    return problems
 
 
 def judge_signoffs(signoffs: list[Signoff], required_roles: list[str],
