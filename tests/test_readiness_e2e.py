@@ -218,10 +218,14 @@ def test_a_report_from_the_cli_opens_the_promotion_gate_and_is_audited(repositor
         assert refused.status_code == 409 and "readiness" in refused.json()["error"]
         made = _cli(MODEL, "2", "--models", str(models), "--policies", str(policies), "--scale", str(SCALE),
                     "--out", str(tmp_path / "out"), "--no-store", "--submit", gateway.url,
-                    env={"GATEWAY_TOKEN": "t" * 32})
+                    "--production-url", gateway.url, env={"GATEWAY_TOKEN": "t" * 32})
         assert made.returncode == 0, made.stdout + made.stderr
         assert "submitted" in made.stdout
-        sha = json.loads((tmp_path / "out" / f"{MODEL}-2-readiness.json").read_text())["sha256"]
+        document = json.loads((tmp_path / "out" / f"{MODEL}-2-readiness.json").read_text())
+        sha = document["sha256"]
+        environment = next(i for i in document["items"] if i["key"] == "environment")
+        assert environment["status"] == "pass"  # production (this gateway) runs on this very machine
+        assert environment["evidence"]["production_has_version"] is True
         switched = httpx.post(f"{gateway.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=admin)
         assert switched.status_code == 200, switched.text
     finally:

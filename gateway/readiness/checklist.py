@@ -73,6 +73,7 @@ def run(target: Target, say: Callable[[str], None] = lambda _: None,
     """Run the whole checklist; CannotRun when it cannot run at all."""
     started = time.time()
     ctx = Context(target, say)
+    ctx.production()  # an unreachable production gateway means the run cannot judge: CannotRun now
     try:
         items = run_phases(phases(ctx), on_item=on_item)
         context = _context(ctx)

@@ -196,6 +196,7 @@ def _edge_probes(ctx: Context, base: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def edge_inputs(ctx: Context) -> ItemResult:
     """Hostile and boundary inputs get finite answers from the model or a 4xx, never a crash."""
+    ctx.require_model()  # a refused version is not served: nothing to probe
     base = ctx.table_rows(ctx.heldout, 0, 1)[0]
     staging = ctx.staging()
     outcomes: dict[str, int] = {"answered": 0, "rejected": 0}
