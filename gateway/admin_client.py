@@ -45,6 +45,11 @@ class AdminClient:
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             raise AdminCallFailed(f"cannot reach {self.url}: {exc}") from None
 
+    def upload_report(self, report: dict[str, Any]) -> AdminReply:
+        """Store a readiness report (its JSON form) for the promotion gate: 201 with its summary, 400 with
+        the reasons it was refused (e.g. changed after it was made), 404 for a model not served there."""
+        return self.call("PUT", "/admin/readiness", report)
+
 
 def _decode(raw: bytes) -> Any:
     try:

@@ -29,6 +29,7 @@ from gateway.faults import FaultInjector
 from gateway.monitoring import Monitoring
 from gateway.pipeline import InferencePipeline
 from gateway.policy import Rollout
+from gateway.readiness.store import ReportStore
 from gateway.registry import BreakerBoard, ServedModel, ServedVersion, Snapshot, build_snapshot, serve_version
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.rollout import RolloutController
@@ -68,10 +69,12 @@ class Gateway:
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
                                           self.stats, self.shadow, monitor=self.monitor, tracer=self.tracer)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
+        self.reports = ReportStore(settings.readiness_dir or settings.state_dir / "readiness")
+        """Uploaded readiness reports, which open the promotion gate."""
         self.control = ReleaseControl(lambda: self.snapshot, self.publish, StateStore(settings.state_dir),
                                       self.repository, self._serve_version, settings.state_dir / "events.jsonl",
                                       on_change=lambda model, action: self.metrics.alias_changes.labels(
-                                          model, action).inc())
+                                          model, action).inc(), reports=self.reports)
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
                                           drift_state=self.monitor.drift_state)
         self.tokens = TokenBook(settings.admin_tokens)

@@ -1,6 +1,7 @@
-"""The `gateway` command: serve, and check or describe policies.
+"""The `gateway` command: serve, check or describe policies, release control, audit, readiness.
 
-Exit codes: 0 success, 1 invalid input (a policy or card with problems), 2 usage error.
+Exit codes: 0 success, 1 invalid input (a policy or card with problems), 2 usage error
+(`gateway readiness`: 0 ready, 1 not ready, 2 could not run).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+
+from gateway.readiness import command as readiness_command
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -57,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     docs = policy_commands.add_parser("docs", help="print the policy and settings reference (Markdown)")
     docs.add_argument("--write", type=Path, metavar="FILE",
                       help="refresh the generated sections of FILE (e.g. README.md) in place")
+    readiness_command.add_parser(commands)
     return parser
 
 
@@ -73,6 +77,8 @@ def _admin_commands(commands: Any) -> None:
     switch = add("switch", "make a version stable at once (the old stable stays warm for rollback)")
     switch.add_argument("model")
     switch.add_argument("version")
+    switch.add_argument("--force", action="store_true",
+                        help="past the readiness gate without a passing report (admin token; audited)")
     rollback = add("rollback", "go back to the previous stable version")
     rollback.add_argument("model")
     rollback.add_argument("--reason", default="")
@@ -90,6 +96,8 @@ def _admin_commands(commands: Any) -> None:
     rollout.add_argument("action", choices=["start", "pause", "resume", "abort", "status"])
     rollout.add_argument("model")
     rollout.add_argument("version", nargs="?")
+    rollout.add_argument("--force", action="store_true",
+                         help="start: past the readiness gate without a passing report (admin token; audited)")
     load = add("load", "load (verify, warm up) versions of a model at runtime")
     load.add_argument("model")
     load.add_argument("--version", help="one version (default: every version not yet serving)")
@@ -108,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _admin(parser, args)
     if args.command == "audit":
         return _audit(parser, args)
+    if args.command == "readiness":
+        return readiness_command.run_command(args)
     if args.policy_command == "check":
         return _policy_check(args.files, args.models)
     if args.policy_command == "docs":
@@ -127,7 +137,7 @@ def _admin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "status":
         call = ("GET", "/status", None)
     elif args.command == "switch":
-        call = ("POST", f"/admin/models/{model}/switch", {"version": args.version})
+        call = ("POST", f"/admin/models/{model}/switch", {"version": args.version, **_forced(args)})
     elif args.command == "rollback":
         call = ("POST", f"/admin/models/{model}/rollback", {"reason": args.reason})
     elif args.command == "canary":
@@ -145,10 +155,12 @@ def _admin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         else:
             call = ("PUT", f"/admin/models/{model}/shadow", {"version": args.version, "percent": args.percent})
     elif args.command == "rollout":
+        if args.force and args.action != "start":
+            parser.error("--force goes with rollout start")
         if args.action == "start":
             if args.version is None:
                 parser.error("rollout start needs MODEL VERSION")
-            call = ("POST", f"/admin/models/{model}/rollout", {"version": args.version})
+            call = ("POST", f"/admin/models/{model}/rollout", {"version": args.version, **_forced(args)})
         elif args.action == "status":
             call = ("GET", f"/admin/models/{model}/rollout", None)
         else:
@@ -165,6 +177,11 @@ def _admin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(json.dumps(reply.body, indent=2))
     return EXIT_OK if reply.status < 400 else EXIT_INVALID
+
+
+def _forced(args: argparse.Namespace) -> dict[str, bool]:
+    """`force` in the body only when asked for (the server refuses it from non-admins)."""
+    return {"force": True} if args.force else {}
 
 
 def _audit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

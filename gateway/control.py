@@ -4,6 +4,12 @@ Every change is built on the side, made durable in the state store, and only the
 one assignment of the gateway's snapshot: a change that cannot be stored is refused, never half
 applied, and requests in flight finish on the snapshot they started with. Changes are
 serialised by one asyncio lock (the hot path never takes it).
+
+The readiness gate: when a model's policy says `readiness: {gate: enforce}`, making a version
+stable (a switch, or the promotion that ends a rollout, checked when the rollout starts and again
+when it completes) needs a stored passing readiness report for that version's model file and the
+current policy, unless an admin forces it. Going back to `previous_stable` is a rollback and never
+gated. Every gate decision is recorded.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import ClientError, GatewayError, ModelNotFound
+from gateway.readiness.store import ReportStore
 from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.repository import ModelRepository, ModelVersion, version_key
 from gateway.state import Aliases, ModelState, RolloutState, StateStore, routing_hash
@@ -38,6 +45,28 @@ class StoreFailed(GatewayError):
     """The change could not be made durable, so it was not applied."""
 
 
+class GateClosed(ClientError):
+    """Promotion to stable needs a passing readiness report for the model file and policy (409)."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The readiness gate's verdict on making a version stable."""
+
+    enforced: bool = False
+    """False: the policy has no enforced gate, or the version is the previous stable (a rollback)."""
+    report_sha256: str = ""
+    """The passing report that opened it."""
+    forced: bool = False
+    """Opened by an admin without a passing report."""
+
+    def fields(self) -> dict[str, Any]:
+        """What the change's event and answer carry about the gate (nothing when none applied)."""
+        if not self.enforced:
+            return {}
+        return {"gate": {"readiness_report": self.report_sha256 or None, "forced": self.forced}}
+
+
 @dataclass(frozen=True)
 class Change:
     """The outcome of one control action."""
@@ -47,10 +76,13 @@ class Change:
     before: dict[str, Any]
     after: dict[str, Any]
     took_ms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further facts of the decision (e.g. `gate`), shown only when there are any."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for the admin API."""
-        return asdict(self)
+        data = asdict(self)
+        return {**data, **data.pop("extra")}
 
 
 class ReleaseControl:
@@ -59,8 +91,10 @@ class ReleaseControl:
     def __init__(self, get: Callable[[], Snapshot], publish: Callable[[Snapshot], None], store: StateStore,
                  repository: ModelRepository, serve: ServeVersion,
                  events_file: Path | None, clock: Callable[[], float] = time.time,
-                 on_change: Callable[[str, str], None] | None = None) -> None:
+                 on_change: Callable[[str, str], None] | None = None, reports: ReportStore | None = None) -> None:
         self._get = get
+        self.reports = reports
+        """Readiness reports for the gate (None: no report ever passes an enforced gate)."""
         self._on_change = on_change
         self._publish = publish
         self._serve = serve
@@ -102,19 +136,24 @@ class ReleaseControl:
 
     # --- alias changes -----------------------------------------------------------------------
 
-    async def switch(self, model: str, version: str, actor: str) -> Change:
-        """Make `version` stable; the old stable stays loaded as `previous_stable`."""
+    async def switch(self, model: str, version: str, actor: str, force: bool = False) -> Change:
+        """Make `version` stable; the old stable stays loaded as `previous_stable`.
+
+        Under an enforced readiness gate this needs a passing report, or `force` (checked by the caller
+        to come from an admin); GateClosed otherwise."""
         async with self.lock:
             current = self._model(model)
-            self._require_serving(current, version)
+            self.require_serving(current, version)
             old = current.aliases
             if old.stable == version:
                 raise Conflict(f"version {version!r} is already stable")
+            gate = await self.check_gate_locked(current, version, actor, force, "switch")
             drop_canary = old.canary == version or self._rollout_active(model)  # a switch ends a rollout
             new = old.with_changes(stable=version, previous_stable=old.stable,
                                    canary=None if drop_canary else old.canary,
                                    canary_percent=0.0 if drop_canary else old.canary_percent)
-            return await self._apply(current, new, "switch", actor, end_rollout="aborted: manual switch")
+            return await self._apply(current, new, "switch", actor, end_rollout="aborted: manual switch",
+                                     extra=gate.fields())
 
     async def rollback(self, model: str, actor: str, reason: str = "") -> Change:
         """Make the previous stable version stable again, and drop any canary."""
@@ -130,7 +169,7 @@ class ReleaseControl:
         elif old.previous_stable is None:
             raise Conflict(f"model {model!r} has no previous stable version to roll back to")
         else:
-            self._require_serving(current, old.previous_stable)
+            self.require_serving(current, old.previous_stable)
             new = old.with_changes(stable=old.previous_stable, previous_stable=old.stable, canary=None,
                                    canary_percent=0.0)
         return await self._apply(current, new, "rollback", actor, reason=reason,
@@ -147,32 +186,73 @@ class ReleaseControl:
         """`set_canary` for callers that hold the lock."""
         current = self._model(model)
         if version is not None:
-            self._require_serving(current, version)
+            self.require_serving(current, version)
             if version == current.aliases.stable:
                 raise Conflict(f"version {version!r} is stable; a canary must be another version")
         new = current.aliases.with_changes(canary=version, canary_percent=percent if version else 0.0)
         return await self._apply(current, new, action, actor, rollout=rollout)
 
-    async def promote_locked(self, model: str, actor: str, rollout: RolloutState) -> Change:
-        """The canary becomes stable (end of a rollout)."""
+    async def promote_locked(self, model: str, actor: str, rollout: RolloutState, gate: Gate | None = None) -> Change:
+        """The canary becomes stable (end of a rollout; the caller has checked the readiness gate)."""
         current = self._model(model)
         old = current.aliases
         if old.canary is None:
             raise Conflict("no canary to promote")
         new = old.with_changes(stable=old.canary, previous_stable=old.stable, canary=None, canary_percent=0.0)
-        return await self._apply(current, new, "promote", actor, rollout=rollout)
+        return await self._apply(current, new, "promote", actor, rollout=rollout,
+                                 extra=gate.fields() if gate else None)
 
-    async def save_rollout_locked(self, model: str, rollout: RolloutState, action: str, actor: str) -> Change:
+    async def save_rollout_locked(self, model: str, rollout: RolloutState, action: str, actor: str,
+                                  reason: str = "") -> Change:
         """Persist rollout progress without changing aliases."""
         current = self._model(model)
-        return await self._apply(current, current.aliases, action, actor, rollout=rollout)
+        return await self._apply(current, current.aliases, action, actor, reason=reason, rollout=rollout)
+
+    # --- the readiness gate ----------------------------------------------------------------------
+
+    async def check_gate_locked(self, current: ServedModel, version: str, actor: str, force: bool,
+                                purpose: str) -> Gate:
+        """Whether `version` may become stable (for `purpose`: switch, rollout, promote); records the
+        decision when a gate applies. GateClosed without a passing report, unless `force`."""
+        policy = current.policy
+        readiness = policy.policy.readiness if policy is not None else None
+        if (policy is None or readiness is None or readiness.gate != "enforce"
+                or version == current.aliases.previous_stable):
+            return Gate()
+        served = current.served.get(version)
+        model_sha = served.entry.sha256 if served is not None else current.entry(version).sha256
+        target = {"version": version, "for": purpose, "model_sha256": model_sha, "policy_sha256": policy.sha256}
+        before = {"stable": current.aliases.stable}
+        found = await self._passing(current.name, version, model_sha, policy.sha256)
+        if found is not None:
+            self.record(actor, current.name, "gate_passed", before, {**target, "readiness_report": found["sha256"]})
+            return Gate(True, report_sha256=found["sha256"])
+        message = await self._gate_message(current.name, version, model_sha, policy.sha256)
+        if force:
+            self.record(actor, current.name, "gate_forced", before, target, reason=message)
+            return Gate(True, forced=True)
+        self.record(actor, current.name, "gate_refused", before, target, reason=message)
+        raise GateClosed(message)
+
+    async def _passing(self, model: str, version: str, model_sha: str, policy_sha: str) -> dict[str, Any] | None:
+        if self.reports is None:
+            return None
+        # files are read (and verified) off the loop: reports carry plot data and may be large
+        return await asyncio.to_thread(self.reports.passing, model, version, model_sha, policy_sha)
+
+    async def _gate_message(self, model: str, version: str, model_sha: str, policy_sha: str) -> str:
+        reports = await asyncio.to_thread(self.reports.summaries, model) if self.reports is not None else []
+        return (f"readiness gate: no passing readiness report for {model} version {version} with model file "
+                f"{model_sha[:12]} and policy {policy_sha[:12]}{_why_not(reports, version, model_sha, policy_sha)}; "
+                f"run `gateway readiness {model} {version}` and upload its report (PUT /admin/readiness), "
+                f"or have an admin force it (`force: true`, audited)")
 
     async def set_shadow(self, model: str, version: str | None, percent: float, actor: str) -> Change:
         """Mirror `percent` of answered requests to `version` (None stops mirroring)."""
         async with self.lock:
             current = self._model(model)
             if version is not None:
-                self._require_serving(current, version)
+                self.require_serving(current, version)
             new = current.aliases.with_changes(shadow=version, shadow_percent=percent if version else 0.0)
             return await self._apply(current, new, "shadow", actor)
 
@@ -247,7 +327,8 @@ class ReleaseControl:
     # --- shared ------------------------------------------------------------------------------
 
     async def _apply(self, current: ServedModel, aliases: Aliases, action: str, actor: str, reason: str = "",
-                     end_rollout: str = "", rollout: RolloutState | None = None) -> Change:
+                     end_rollout: str = "", rollout: RolloutState | None = None,
+                     extra: dict[str, Any] | None = None) -> Change:
         started = time.perf_counter()
         name = current.name
         state_rollout = rollout if rollout is not None else self.rollouts.get(name)
@@ -272,14 +353,15 @@ class ReleaseControl:
         if self._on_change is not None:
             self._on_change(name, action)
         self.record(actor, name, action, before, after, reason=reason,
-                    timing={"took_ms": round(took, 3), "stored_ms": round(stored_ms, 3), "swap_us": round(swap_us, 1)})
-        return Change(name, action, before, after, round(took, 3))
+                    timing={"took_ms": round(took, 3), "stored_ms": round(stored_ms, 3), "swap_us": round(swap_us, 1)},
+                    extra=extra)
+        return Change(name, action, before, after, round(took, 3), dict(extra or {}))
 
     def record(self, actor: str, model: str, action: str, before: Any, after: Any, reason: str = "",
-               timing: dict[str, float] | None = None) -> None:
+               timing: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> None:
         """Log one decision with its actor, time, before and after (kept in memory and in events.jsonl)."""
         event = {"time": self._clock(), "actor": actor, "model": model, "action": action, "before": before,
-                 "after": after, "reason": reason, **(timing or {})}
+                 "after": after, "reason": reason, **(timing or {}), **(extra or {})}
         self.events.append(event)
         if self.on_record is not None:
             self.on_record({"kind": "control", **event})
@@ -300,11 +382,29 @@ class ReleaseControl:
         return rollout is not None and rollout.active
 
     @staticmethod
-    def _require_serving(model: ServedModel, version: str) -> None:
+    def require_serving(model: ServedModel, version: str) -> None:
+        """VersionNotFound, or Conflict when the version exists but does not serve."""
         model.entry(version)
         if version not in model.served:
             raise Conflict(f"version {version!r} of {model.name!r} is not serving "
                            f"({model.version_reasons.get(version, 'not loaded')}); load it first")
+
+
+def _why_not(reports: list[dict[str, Any]], version: str, model_sha: str, policy_sha: str) -> str:
+    """The nearest stored report, when one explains the refusal (e.g. the policy changed since)."""
+    mine = [r for r in reports if r["version"] == version]
+    exact = next((r for r in mine if (r["model_sha256"], r["policy_sha256"]) == (model_sha, policy_sha)), None)
+    if exact is not None:
+        return f" (its newest report {exact['sha256'][:12]} is not ready: score {exact['score']}, band {exact['band']})"
+    same_file = next((r for r in mine if r["ready"] and r["model_sha256"] == model_sha), None)
+    if same_file is not None:
+        return (f" (report {same_file['sha256'][:12]} passed for policy {same_file['policy_sha256'][:12]}: "
+                f"the policy changed since)")
+    other_file = next((r for r in mine if r["ready"]), None)
+    if other_file is not None:
+        return (f" (report {other_file['sha256'][:12]} passed for another model file, "
+                f"{other_file['model_sha256'][:12]})")
+    return ""
 
 
 def _routing_of(model: ServedModel) -> str:

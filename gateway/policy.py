@@ -497,6 +497,12 @@ class Readiness(_Policy):
     gate: Literal["enforce", "off"] = "enforce"
     """`enforce`: a switch to, or a rollout of, a version needs a passing report for that model file
     and this policy (an admin may force it, audited); `off`: reports are advisory."""
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false (and `on` as true): take them as meant
+        return {False: "off", True: "enforce"}.get(value, value) if isinstance(value, bool) else value
     data: ReadinessData = ReadinessData()
     """Where the model's data is."""
     metric: Literal["auc", "accuracy", "brier", "log_loss"] = "auc"

@@ -6,6 +6,11 @@ rolls back at once; at the end of the interval a step with enough calls and no b
 (too few calls: the step is extended). Passing the 100 % step promotes the canary to stable.
 Progress is persisted with the aliases; after a restart the rollout resumes at its step, whose
 interval starts again.
+
+Under an enforced readiness gate a rollout starts only with a passing report (or forced by an
+admin), and the gate is checked again before promotion unless the rollout was forced: the policy
+may have changed meanwhile. A closed gate then pauses the rollout (the canary keeps its share)
+until a report is uploaded and the rollout resumed, or it is aborted or rolled back.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from gateway.control import Conflict, ReleaseControl
+from gateway.control import Conflict, Gate, GateClosed, ReleaseControl
 from gateway.policy import Rollout
 from gateway.state import RolloutState
 from gateway.stats import Interval, TrafficStats, between
@@ -67,16 +72,23 @@ class RolloutController:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._resume_events: dict[str, asyncio.Event] = {}
 
-    async def start(self, model: str, version: str, actor: str) -> RolloutState:
-        """Begin a rollout of `version` as canary at the plan's first step."""
+    async def start(self, model: str, version: str, actor: str, force: bool = False) -> RolloutState:
+        """Begin a rollout of `version` as canary at the plan's first step (GateClosed under an enforced
+        readiness gate without a passing report, unless `force`, which the caller checked is an admin's)."""
         async with self._control.lock:
             current = self._control.rollouts.get(model)
             if current is not None and current.active:
                 raise Conflict(f"a rollout of version {current.version!r} is already {current.status}")
+            served = self._control.current().model(model)
+            self._control.require_serving(served, version)
+            if version == served.aliases.stable:
+                raise Conflict(f"version {version!r} is stable; a canary must be another version")
+            gate = await self._control.check_gate_locked(served, version, actor, force, "rollout")
             plan = self._plan_of(model)
             now = self._clock()
             state = RolloutState(version=version, steps=tuple(plan.steps), step=0, status="running",
-                                 started_at=now, step_started_at=now, actor=actor)
+                                 started_at=now, step_started_at=now, actor=actor, forced=gate.forced,
+                                 report_sha256=gate.report_sha256)
             await self._control.set_canary_locked(model, version, plan.steps[0], actor, "rollout_start", state)
         self._launch(model)
         return state
@@ -109,7 +121,8 @@ class RolloutController:
         return {"version": state.version, "steps": list(state.steps), "step": state.step,
                 "percent": state.steps[min(state.step, len(state.steps) - 1)], "status": state.status,
                 "reason": state.reason, "started_at": state.started_at, "step_started_at": state.step_started_at,
-                "actor": state.actor, "history": list(state.history)}
+                "actor": state.actor, "forced": state.forced, "report_sha256": state.report_sha256 or None,
+                "history": list(state.history)}
 
     def resume_all(self) -> None:
         """After a restart: continue every rollout that was running (paused ones wait for resume)."""
@@ -200,15 +213,34 @@ class RolloutController:
         history = (*state.history, decision)
         async with self._control.lock:
             if state.step + 1 >= len(state.steps):
-                done = replace(state, status="completed", history=history, reason="all steps passed")
-                await self._control.promote_locked(model, SYSTEM, done)
-                self._metrics.rollout_decisions.labels(model, "promote").inc()
-                return False
+                return await self._promote(model, state, history)
             nxt = replace(state, step=state.step + 1, step_started_at=self._clock(), history=history)
             await self._control.set_canary_locked(model, state.version, state.steps[state.step + 1], SYSTEM,
                                                   "rollout_step", nxt)
         self._metrics.rollout_decisions.labels(model, "advance").inc()
         return True
+
+    async def _promote(self, model: str, state: RolloutState, history: tuple[dict[str, Any], ...]) -> bool:
+        """Promote the canary, unless the readiness gate no longer opens (then pause); True to keep watching."""
+        gate = Gate()
+        if not state.forced:
+            try:
+                gate = await self._control.check_gate_locked(self._control.current().model(model), state.version,
+                                                             SYSTEM, False, "promote")
+            except GateClosed as exc:
+                reason = f"promotion held: {exc.message}"
+                held = {"time": self._clock(), "step": state.step, "percent": state.steps[state.step],
+                        "decision": "gate_closed", "reason": exc.message}
+                paused = replace(state, status="paused", reason=reason, history=(*history, held))
+                await self._control.save_rollout_locked(model, paused, "rollout_paused", SYSTEM, reason=reason)
+                self._metrics.rollout_decisions.labels(model, "pause").inc()
+                log.warning("rollout of %s version %s paused before promotion: %s", model, state.version, exc.message)
+                return True
+        done = replace(state, status="completed", history=history, reason="all steps passed",
+                       report_sha256=gate.report_sha256 or state.report_sha256)
+        await self._control.promote_locked(model, SYSTEM, done, gate)
+        self._metrics.rollout_decisions.labels(model, "promote").inc()
+        return False
 
     async def _roll_back(self, model: str, reason: str, canary: Interval, stable: Interval) -> None:
         async with self._control.lock:
@@ -229,7 +261,8 @@ class RolloutController:
             state = self._active(model)
             if state.status != expect:
                 raise Conflict(f"the rollout is {state.status}, not {expect}")
-            changed = replace(state, status=status, step_started_at=self._clock())
+            changed = replace(state, status=status, step_started_at=self._clock(),
+                              reason=state.reason if status == "paused" else "")
             await self._control.save_rollout_locked(model, changed, f"rollout_{status}", actor)
         self._metrics.rollout_decisions.labels(model, "pause" if status == "paused" else "resume").inc()
         return changed

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     """Apply policies' `faults` sections (rehearsals in staging and tests); refused when false."""
     state_dir: Path = Path("state")
     """Control state (effective aliases, rollouts) and the control event log; atomic writes."""
+    readiness_dir: Path | None = None
+    """Readiness reports uploaded for the promotion gate (`<dir>/<model>/<sha256>.json`); default
+    `<state_dir>/readiness`."""
     admin_tokens: list[AdminToken] = []
     """Admin API credentials, e.g. `[{"name": "ci", "role": "operator", "token": "..."}]` (JSON in the
     environment). Roles: viewer (read), operator (switch, rollback, canary, shadow, rollout), admin

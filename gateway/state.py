@@ -62,6 +62,10 @@ class RolloutState:
     step_started_at: float = 0.0
     actor: str = ""
     history: tuple[dict[str, Any], ...] = ()
+    forced: bool = False
+    """Started past the readiness gate by an admin: promotion does not check the gate again."""
+    report_sha256: str = ""
+    """The passing readiness report that opened the gate at the start (empty: not gated, or forced)."""
 
     @property
     def active(self) -> bool:
@@ -117,7 +121,6 @@ class StateStore:
 
     def save(self, model: str, state: ModelState) -> None:
         """Write atomically and durably (temp file, fsync, rename, fsync of the directory)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         payload = {
             "aliases": asdict(state.aliases),
             "routing_hash": state.routing_hash,
@@ -125,19 +128,26 @@ class StateStore:
                         "history": list(state.rollout.history)} if state.rollout else None,
             "updated_at": state.updated_at,
         }
-        data = json.dumps(payload, indent=2, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{model}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path(model))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path(model), json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one, never half of one:
+    a temporary file in the same directory, fsynced, renamed over `path`, then the directory fsynced."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -91,6 +91,21 @@ def spawned_gateway(token: str, extra_env: dict[str, str] | None = None,
         yield spawned.url
 
 
+def ungated_policies(target: Path) -> Path:
+    """A copy of the bundled policies at `target` with the readiness gate off, for scripts that measure
+    switching or rollouts rather than release approval (the gate refuses a version without a passing
+    readiness report); returns `target`."""
+    import yaml
+
+    shutil.copytree(ROOT / "policies", target, dirs_exist_ok=True)
+    for path in sorted(target.glob("*.yaml")):
+        policy = yaml.safe_load(path.read_text())
+        if isinstance(policy, dict) and isinstance(policy.get("readiness"), dict):
+            policy["readiness"]["gate"] = "off"
+            path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return target
+
+
 def v2_body(row: dict[str, Any]) -> dict[str, Any]:
     """One row as an Open Inference Protocol v2 request: a [1, 1] tensor per feature."""
     def datatype(value: Any) -> str:

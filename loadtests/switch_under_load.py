@@ -7,6 +7,9 @@ Sends open-loop constant-rate load (each request leaves at its scheduled time) w
 the stable version back and forth through the admin API; reports non-2xx answers, latency, and the
 server-side duration of every switch (stored durably, then swapped). Exit 0 when no answer was
 non-2xx and every switch finished under --max-switch-ms on the server, else 1.
+
+The gateway it starts has the readiness gate off: this measures switching, not release approval. A
+--url gateway whose policy enforces the gate refuses the switches without passing reports.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 
-from loadtests.common import ROW, drive, require_loopback, spawned_gateway, summarise
+from loadtests.common import ROW, drive, require_loopback, spawned_gateway, summarise, ungated_policies
 from loadtests.runner import Phase, schedule
 
 
@@ -66,7 +71,8 @@ def main() -> int:
         require_loopback(args.url)
         report = asyncio.run(run(args.url, args.token, args.model, args.rate, args.seconds, args.every))
     else:
-        with spawned_gateway(args.token) as url:
+        with tempfile.TemporaryDirectory(prefix="switch-under-load-") as tmp, \
+                spawned_gateway(args.token, policies=ungated_policies(Path(tmp) / "policies")) as url:
             report = asyncio.run(run(url, args.token, args.model, args.rate, args.seconds, args.every))
     print(json.dumps(report, indent=2))
     load = report["load"]

@@ -134,6 +134,28 @@ def patch_policy(policies: Path, model: str, **sections: Any) -> None:
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
+def ungate(policies: Path, model: str = MODEL) -> Path:
+    """Turn the readiness gate off in a copied policy, for tests that switch or roll out to test something
+    other than release approval (the gate itself is tested in test_readiness_gate.py); returns `policies`."""
+    patch_policy(policies, model, readiness={"gate": "off"})
+    return policies
+
+
+@pytest.fixture
+def ungated_repo(repo_copy: tuple[Path, Path]) -> tuple[Path, Path]:
+    """`repo_copy` with the readiness gate off (see `ungate`)."""
+    models, policies = repo_copy
+    return models, ungate(policies)
+
+
+@pytest.fixture(scope="session")
+def ungated_policies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the bundled policies with the readiness gate off (see `ungate`), shared by the session."""
+    policies = tmp_path_factory.mktemp("ungated") / "policies"
+    shutil.copytree(POLICIES, policies)
+    return ungate(policies)
+
+
 def make_client(models: Path = MODELS, policies: Path = POLICIES, **settings: Any) -> TestClient:
     """An in-process client (lifespan runs on enter) for an app over the given repository."""
     settings.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="gateway-state-")))

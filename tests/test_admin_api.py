@@ -92,8 +92,9 @@ class Gateway:
 
 
 @pytest.fixture
-def gw(repo_copy: tuple[Path, Path], tmp_path: Path) -> Iterator[Gateway]:
-    gateway = Gateway(*repo_copy, tmp_path / "state")
+def gw(ungated_repo: tuple[Path, Path], tmp_path: Path) -> Iterator[Gateway]:
+    """The readiness gate is off: these tests are about release mechanics (test_readiness_gate.py: approval)."""
+    gateway = Gateway(*ungated_repo, tmp_path / "state")
     gateway.start()
     try:
         yield gateway

@@ -1,7 +1,8 @@
 """The admin CLI (`gateway status|switch|rollback|canary|shadow|rollout|load|unload`) against a real server.
 
-One server serves the whole module (a copy of the repository with an extra, never-aliased version 3),
-so every test leaves the aliases as it found them and never assumes which version is stable.
+One server serves the whole module (a copy of the repository with an extra, never-aliased version 3,
+and the readiness gate off: these tests are about the commands, not release approval), so every test
+leaves the aliases as it found them and never assumes which version is stable.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from gateway.cli import main
-from tests.conftest import MODEL, POLICIES, RunningServer, free_port, good_row
+from tests.conftest import MODEL, RunningServer, free_port, good_row
 from tests.conftest import MODELS as BUNDLED_MODELS
 
 pytestmark = pytest.mark.e2e
@@ -31,14 +33,14 @@ ENV = {"GATEWAY_ADMIN_TOKENS": json.dumps([
 
 
 @pytest.fixture(scope="module")
-def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def cli_server(tmp_path_factory: pytest.TempPathFactory, ungated_policies: Path) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("cli-repo")
     models = root / "models"
     shutil.copytree(BUNDLED_MODELS, models, ignore=shutil.ignore_patterns("data", "*.py", "__pycache__"))
     shutil.copytree(models / MODEL / "2", models / MODEL / "3")
     card = models / MODEL / "3" / "model.yaml"
     card.write_text(card.read_text().replace("version: '2'", "version: '3'"))
-    running = RunningServer(models, POLICIES, ENV, root / "state")
+    running = RunningServer(models, ungated_policies, ENV, root / "state")
     try:
         running.wait_live()
         yield running
@@ -122,6 +124,19 @@ def test_rollback(cli_server: RunningServer, capsys: pytest.CaptureFixture[str])
     assert body["action"] == "rollback" and body["after"]["stable"] == stable
     assert unversioned_version(cli_server) == stable
     assert last_event(cli_server)["reason"] == "cli drill"
+
+
+def test_force_is_sent_only_when_asked_for_and_needs_an_admin(cli_server: RunningServer,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    stable, other = stable_and_other(cli_server)
+    code, body, _ = cli(capsys, *admin(cli_server, "switch", MODEL, other, "--force"))
+    assert code == 1 and "needs the admin role" in body["error"]
+    code, body, _ = cli(capsys, *admin(cli_server, "rollout", "start", MODEL, other, "--force"))
+    assert code == 1 and "needs the admin role" in body["error"]
+    assert view(cli_server)["aliases"]["stable"] == stable and view(cli_server)["rollout"] is None
+    code, body, _ = cli(capsys, *admin(cli_server, "switch", MODEL, other, "--force", token=ADMIN))
+    assert code == 0 and body["after"]["stable"] == other and last_event(cli_server)["actor"] == "adam"
+    assert cli(capsys, *admin(cli_server, "switch", MODEL, stable))[0] == 0
 
 
 def test_canary_set_and_clear(cli_server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,6 +251,7 @@ def test_a_malformed_url_is_exit_code_2(capsys: pytest.CaptureFixture[str], url:
     [], ["switch"], ["switch", MODEL], ["rollback"], ["canary", MODEL], ["canary", MODEL, "2"],
     ["canary", MODEL, "2", "ten"], ["shadow", MODEL], ["shadow", MODEL, "2", "--percent", "x"],
     ["unload", MODEL], ["load"], ["rollout", "start", MODEL], ["rollout", "bogus", MODEL], ["frobnicate"],
+    ["rollout", "pause", MODEL, "--force"], ["rollback", MODEL, "--force"],
 ], ids=lambda argv: " ".join(argv) or "nothing")
 def test_missing_or_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:

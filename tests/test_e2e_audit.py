@@ -175,9 +175,11 @@ def v2_sent(answer: httpx.Response, version: str, route: str, income: float) -> 
 
 
 def test_every_answered_request_and_control_decision_is_recorded_once(
-        start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        ungated_policies: Path) -> None:
     audit = tmp_path / "audit"
-    server = start_server(MODELS, POLICIES, env={**ADMIN_ENV, "GATEWAY_AUDIT_DIR": str(audit)})
+    # the readiness gate is off: the switch is here to be audited, not approved (test_readiness_gate.py)
+    server = start_server(MODELS, ungated_policies, env={**ADMIN_ENV, "GATEWAY_AUDIT_DIR": str(audit)})
     sent: list[Sent] = []
     with httpx.Client(base_url=server.url, timeout=10) as http:
         status = http.get("/status").json()

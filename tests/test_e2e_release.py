@@ -1,4 +1,8 @@
-"""Release control through the real server: switches under load, shadow, rollouts, restarts (issue 4)."""
+"""Release control through the real server: switches under load, shadow, rollouts, restarts (issue 4).
+
+Tests that switch or roll out run with the readiness gate off (`ungated_repo`): they are about the
+mechanics of a release, not its approval (test_readiness_gate.py).
+"""
 
 from __future__ import annotations
 
@@ -67,8 +71,8 @@ async def steady_load(url: str, seconds: float, concurrency: int = 16,
     return answers
 
 
-def test_switches_under_load_lose_no_request(repo_copy: tuple[Path, Path], start_server: StartServer) -> None:
-    models, policies = repo_copy
+def test_switches_under_load_lose_no_request(ungated_repo: tuple[Path, Path], start_server: StartServer) -> None:
+    models, policies = ungated_repo
     server = start_server(models, policies, env=ENV)
     switch_times: list[float] = []
 
@@ -135,8 +139,8 @@ def _rollout_policy(policies: Path, **extra: Any) -> None:
 
 
 def test_a_worse_canary_is_rolled_back_within_one_interval(
-        repo_copy: tuple[Path, Path], start_server: StartServer) -> None:
-    models, policies = repo_copy
+        ungated_repo: tuple[Path, Path], start_server: StartServer) -> None:
+    models, policies = ungated_repo
     _rollout_policy(policies, faults=[{"version": "2", "error_percent": 30}])
     server = start_server(models, policies, env=ENV)
     with httpx.Client(base_url=server.url, timeout=10) as client:
@@ -161,8 +165,8 @@ def test_a_worse_canary_is_rolled_back_within_one_interval(
 
 
 def test_a_healthy_canary_completes_its_rollout_and_becomes_stable(
-        repo_copy: tuple[Path, Path], start_server: StartServer) -> None:
-    models, policies = repo_copy
+        ungated_repo: tuple[Path, Path], start_server: StartServer) -> None:
+    models, policies = ungated_repo
     _rollout_policy(policies)
     server = start_server(models, policies, env=ENV)
     with httpx.Client(base_url=server.url, timeout=10) as client:
@@ -185,8 +189,8 @@ def test_a_healthy_canary_completes_its_rollout_and_becomes_stable(
 
 
 def test_a_restart_in_the_middle_of_a_rollout_resumes_it(
-        repo_copy: tuple[Path, Path], start_server: StartServer, tmp_path: Path) -> None:
-    models, policies = repo_copy
+        ungated_repo: tuple[Path, Path], start_server: StartServer, tmp_path: Path) -> None:
+    models, policies = ungated_repo
     write_policy(policies, rollout={"steps": [10, 50, 100], "interval_s": 30, "min_requests": 5})
     state = tmp_path / "state"
     first = start_server(models, policies, env=ENV, state=state)
@@ -222,8 +226,8 @@ def test_sticky_callers_stay_on_one_version(repo_copy: tuple[Path, Path], start_
         assert {r for routes in seen.values() for r in routes} == {"stable", "canary"}
 
 
-def test_tritonclient_loads_and_unloads_versions(repo_copy: tuple[Path, Path], start_server: StartServer) -> None:
-    models, policies = repo_copy
+def test_tritonclient_loads_and_unloads_versions(ungated_repo: tuple[Path, Path], start_server: StartServer) -> None:
+    models, policies = ungated_repo
     shutil.copytree(models / MODEL / "2", models / MODEL / "3")
     card = models / MODEL / "3" / "model.yaml"
     card.write_text(card.read_text().replace("version: '2'", "version: '3'"))

@@ -297,3 +297,12 @@ def test_an_impossible_date_in_a_policy_is_a_positioned_problem_not_a_crash(tmp_
         load_policy(path)
     problem = caught.value.problems[0]
     assert (problem.line, problem.column, problem.path) == (5, 7, "note") and "not a valid date" in problem.message
+
+
+@pytest.mark.parametrize(("written", "gate"), [("off", "off"), ("'off'", "off"), ("enforce", "enforce"),
+                                               ("on", "enforce")])
+def test_a_bare_yaml_off_turns_the_readiness_gate_off(tmp_path: Path, written: str, gate: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"model: m\nschema: {{features: {{}}}}\nreadiness: {{gate: {written}}}\n")
+    policy = load_policy(path).policy
+    assert policy.readiness is not None and policy.readiness.gate == gate

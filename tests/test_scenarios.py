@@ -295,7 +295,11 @@ def test_the_runner_refuses_what_it_cannot_do_with_exit_2(monkeypatch: pytest.Mo
     url = "http://127.0.0.1:9"  # nothing is sent: each refusal comes before the first request
     assert main(["fault", "--url", url, "--out", str(tmp_path)]) == 2
     assert "overrides the policy" in capsys.readouterr().err
-    assert main(["switch", "--url", url, "--out", str(tmp_path)]) == 2
+    assert main(["switch", "--url", url, "--out", str(tmp_path)]) == 2  # it turns the readiness gate off
+    assert "overrides the policy" in capsys.readouterr().err
+    switching = tmp_path / "switching.yaml"
+    switching.write_text(yaml.safe_dump({**BASE, "actions": [{"at": 1, "do": "switch", "version": "2"}]}))
+    assert main([str(switching), "--url", url, "--out", str(tmp_path)]) == 2
     assert "--token" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**BASE, "actions": [{"at": 1, "do": "explode"}]}))

@@ -1,7 +1,9 @@
-"""Admin API: aliases, switch, rollback, canary, shadow, rollouts and the event log (bearer tokens)."""
+"""Admin API: aliases, switch, rollback, canary, shadow, rollouts, readiness reports and the event log
+(bearer tokens)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -9,8 +11,12 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.api.auth import Forbidden
+from gateway.api.body import read_body
 from gateway.api.errors import error_response, json_response
 from gateway.errors import GatewayError, MalformedRequest, Violation
+from gateway.readiness.store import MAX_REPORT_BYTES
+from gateway.repository import version_key
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -22,8 +28,9 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def _body(request: Request, limit: int | None = None) -> dict[str, Any]:
+    """The JSON object sent (empty body: {}); 413 beyond `limit` bytes (default: the request limit)."""
+    raw = await read_body(request, limit or _gateway(request).settings.max_body_bytes)
     if not raw.strip():
         return {}
     try:
@@ -42,6 +49,20 @@ def _version(body: dict[str, Any], required: bool = True) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
         raise MalformedRequest([Violation("version", "malformed", "a version name", repr(value))])
     return str(value)
+
+
+def _force(gateway: Gateway, request: Request, body: dict[str, Any]) -> bool:
+    """`force` (past the readiness gate): a JSON boolean, and true only from an admin."""
+    value = body.get("force", False)
+    if not isinstance(value, bool):
+        raise MalformedRequest([Violation("force", "malformed", "true or false", repr(value))])
+    if value:
+        try:
+            gateway.tokens.require(request, "admin")
+        except Forbidden as exc:
+            raise Forbidden(f"force (promotion without a passing readiness report) needs the admin role: "
+                            f"{exc.message}") from None
+    return value
 
 
 def _percent(body: dict[str, Any], key: str = "percent", default: float | None = None) -> float:
@@ -68,14 +89,14 @@ def _model_view(gateway: Gateway, name: str) -> dict[str, Any]:
     }
 
 
-async def _act(request: Request, role: str, action: Any) -> Response:
+async def _act(request: Request, role: str, action: Any, status: int = 200) -> Response:
     gateway = _gateway(request)
     try:
         actor = gateway.tokens.require(request, role)
         result = await action(gateway, actor.name)
     except GatewayError as exc:
         return error_response(exc)
-    return json_response(result)
+    return json_response(result, status)
 
 
 @router.get("/models/{model}")
@@ -88,11 +109,13 @@ async def model_view(model: str, request: Request) -> Response:
 
 @router.post("/models/{model}/switch")
 async def switch(model: str, request: Request) -> Response:
-    """Make a version stable at once (`{"version": "2"}`)."""
+    """Make a version stable at once (`{"version": "2"}`; `"force": true` past the readiness gate: admin)."""
     async def act(gateway: Gateway, actor: str) -> dict[str, Any]:
-        version = _version(await _body(request))
+        body = await _body(request)
+        version = _version(body)
         assert version is not None
-        return (await gateway.control.switch(model, version, actor)).as_dict()
+        force = _force(gateway, request, body)
+        return (await gateway.control.switch(model, version, actor, force)).as_dict()
     return await _act(request, "operator", act)
 
 
@@ -151,11 +174,13 @@ async def rollout_status(model: str, request: Request) -> Response:
 
 @router.post("/models/{model}/rollout")
 async def rollout_start(model: str, request: Request) -> Response:
-    """Start the policy's rollout plan for a version (`{"version": "2"}`)."""
+    """Start the policy's rollout plan for a version (`{"version": "2"}`; `"force": true`: admin)."""
     async def act(gateway: Gateway, actor: str) -> dict[str, Any]:
-        version = _version(await _body(request))
+        body = await _body(request)
+        version = _version(body)
         assert version is not None
-        await gateway.rollouts.start(model, version, actor)
+        force = _force(gateway, request, body)
+        await gateway.rollouts.start(model, version, actor, force)
         return {"rollout": gateway.rollouts.status(model)}
     return await _act(request, "operator", act)
 
@@ -172,6 +197,38 @@ async def rollout_command(model: str, command: str, request: Request) -> Respons
         await handler(model, actor)
         return {"rollout": gateway.rollouts.status(model)}
     return await _act(request, "operator", act)
+
+
+@router.put("/readiness")
+async def upload_report(request: Request) -> Response:
+    """Store a readiness report (its JSON form) for the promotion gate; 201 with its summary."""
+    async def act(gateway: Gateway, actor: str) -> dict[str, Any]:
+        report = await _body(request, MAX_REPORT_BYTES)
+        if isinstance(report.get("model"), str):
+            gateway.snapshot.model(report["model"])  # reports only for models served here (404)
+        summary = await asyncio.to_thread(gateway.reports.put, report)
+        gateway.control.record(actor, summary["model"], "readiness_report", None, summary)
+        return summary
+    return await _act(request, "operator", act, status=201)
+
+
+@router.get("/models/{model}/readiness")
+async def readiness(model: str, request: Request) -> Response:
+    """The model's gate, its stored reports (newest first) and the passing report of each serving version."""
+    async def view(gateway: Gateway, actor: str) -> dict[str, Any]:
+        served = gateway.snapshot.model(model)
+        policy = served.policy
+        section = policy.policy.readiness if policy is not None else None
+        policy_sha = policy.sha256 if policy is not None else ""
+        reports = await asyncio.to_thread(gateway.reports.summaries, model)
+        versions = {}
+        for version, entry in sorted(served.served.items(), key=lambda item: version_key(item[0])):
+            sha = entry.entry.sha256
+            found = await asyncio.to_thread(gateway.reports.passing, model, version, sha, policy_sha)
+            versions[version] = {"model_sha256": sha, "passing": found["sha256"] if found else None}
+        return {"model": model, "gate": section.gate if section is not None else "absent",
+                "policy_sha256": policy_sha or None, "reports": reports, "versions": versions}
+    return await _act(request, "viewer", view)
 
 
 @router.get("/events")

@@ -6,7 +6,7 @@ import orjson
 from starlette.responses import Response
 
 from gateway.api.auth import Forbidden, Unauthenticated
-from gateway.control import Conflict, StoreFailed
+from gateway.control import Conflict, GateClosed, StoreFailed
 from gateway.errors import (
     ClientError,
     GatewayError,
@@ -21,6 +21,7 @@ from gateway.errors import (
     VersionNotFound,
     ViolationError,
 )
+from gateway.readiness.store import ReportRejected
 
 #: error class -> (HTTP status, outcome label for metrics)
 STATUS: dict[type[GatewayError], tuple[int, str]] = {
@@ -35,6 +36,8 @@ STATUS: dict[type[GatewayError], tuple[int, str]] = {
     Unauthenticated: (401, "unauthenticated"),
     Forbidden: (403, "forbidden"),
     Conflict: (409, "conflict"),
+    GateClosed: (409, "conflict"),
+    ReportRejected: (400, "malformed"),
     StoreFailed: (503, "unavailable"),
     ClientError: (400, "malformed"),
     InferenceFailed: (500, "error"),

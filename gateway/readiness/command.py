@@ -79,12 +79,12 @@ def run_command(args: argparse.Namespace, err: TextIO = sys.stderr, out: TextIO 
         return EXIT_CANNOT_RUN
     stored = None
     if not args.no_store:
-        from gateway.readiness.store import ReportStore
+        from gateway.readiness.store import ReportRejected, ReportStore
 
         directory = args.store or settings.readiness_dir or settings.state_dir / "readiness"
         try:
             stored = ReportStore(directory).put(document)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ReportRejected) as exc:
             print(f"gateway readiness: cannot keep the report in {directory}: {exc}", file=err)
             return EXIT_CANNOT_RUN
     _summary(document, paths, out)
