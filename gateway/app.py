@@ -29,6 +29,7 @@ from gateway.faults import FaultInjector
 from gateway.monitoring import Monitoring
 from gateway.pipeline import InferencePipeline
 from gateway.policy import Rollout
+from gateway.readiness.jobs import ReadinessRunner
 from gateway.readiness.store import ReportStore
 from gateway.registry import BreakerBoard, ServedModel, ServedVersion, Snapshot, build_snapshot, serve_version
 from gateway.repository import ModelRepository, ModelVersion
@@ -71,6 +72,11 @@ class Gateway:
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
         self.reports = ReportStore(settings.readiness_dir or settings.state_dir / "readiness")
         """Uploaded readiness reports, which open the promotion gate."""
+        self.readiness_runs = ReadinessRunner(
+            settings.models_dir.resolve(), settings.policies_dir.resolve(), self.reports.directory.resolve(),
+            on_report=lambda actor, summary: self.control.record(actor, str(summary["model"]), "readiness_report",
+                                                                 None, summary))
+        """Checklist runs started through the admin API (one at a time, in a child process)."""
         self.control = ReleaseControl(lambda: self.snapshot, self.publish, StateStore(settings.state_dir),
                                       self.repository, self._serve_version, settings.state_dir / "events.jsonl",
                                       on_change=lambda model, action: self.metrics.alias_changes.labels(
@@ -153,6 +159,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop rollouts and shadows, then the worker threads (after in-flight runs finish)."""
         await self.rollouts.close()
+        await self.readiness_runs.close()
         await self.shadow.close()
         await self.monitor.close()
         await self.audit.close()

@@ -133,6 +133,10 @@ class VersionNotFound(ClientError):
     """The model exists but has no such version."""
 
 
+class NotFound(ClientError):
+    """Something else the client named does not exist (e.g. a stored readiness report)."""
+
+
 class Unavailable(GatewayError):
     """The model or version exists but is not ready to answer."""
 

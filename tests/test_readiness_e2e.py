@@ -168,9 +168,12 @@ def test_a_candidate_biased_against_a_group_fails_fairness_naming_the_group(repo
     age = fairness.evidence["groups"]["age"]
     assert age["positive_rate_ratio"] < 0.5 and age["lowest_group"] == ">=62"
     assert fairness.evidence["groups"]["gender"]["ratio_ok"]
-    # the same policy does not fail the example v2 on age
-    fair = _by_key(run(Target(MODEL, "2", models, ages, scale=SCALE)))["model_validation.fairness"]
-    assert fair.evidence["groups"]["age"]["positive_rate_ratio"] > age["positive_rate_ratio"]
+    # under the same policy the example v2 treats the age groups far more alike
+    from gateway.readiness import checks_model
+    from gateway.readiness.context import Context
+
+    fair = checks_model.fairness(Context(Target(MODEL, "2", models, ages)))
+    assert fair.evidence["groups"]["age"]["positive_rate_ratio"] > 2 * age["positive_rate_ratio"]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -235,3 +238,45 @@ def test_a_report_from_the_cli_opens_the_promotion_gate_and_is_audited(repositor
     assert "readiness_report" in actions and "gate_passed" in actions and "switch" in actions
     uploaded = next(r for r in control if r["action"] == "readiness_report")
     assert uploaded["after"]["sha256"] == sha
+
+
+def test_the_admin_api_runs_the_checklist_in_a_child_process_and_serves_the_report(
+        repository: tuple[Path, Path], tmp_path: Path) -> None:
+    import time
+
+    models, policies = repository
+    state = tmp_path / "state"
+    gateway = RunningServer(models, policies, env={"GATEWAY_ADMIN_TOKENS": json.dumps(
+        [{"name": "ops", "role": "operator", "token": "o" * 32}])}, state=state)
+    admin = {"Authorization": "Bearer " + "o" * 32}
+    try:
+        gateway.wait_live()
+        url = f"{gateway.url}/admin/models/{MODEL}/versions/2/readiness"
+        bad = httpx.post(url, json={"scale": "fast"}, headers=admin)
+        assert bad.status_code == 400 and "scale" in bad.text
+        started = httpx.post(url, json={"scale": SCALE}, headers=admin)
+        assert started.status_code == 202, started.text
+        assert started.json()["run"]["status"] == "running"
+        again = httpx.post(url, json={"scale": SCALE}, headers=admin)
+        assert again.status_code == 409 and "still running" in again.json()["error"]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            run_view = httpx.get(f"{gateway.url}/admin/readiness/runs", headers=admin).json()["runs"][0]
+            if run_view["status"] != "running":
+                break
+            time.sleep(1)
+        assert run_view["status"] == "ready", run_view["output"][-2000:]
+        sha = run_view["report"]["sha256"]
+        page = httpx.get(f"{gateway.url}/admin/models/{MODEL}/readiness/{sha}", params={"format": "html"},
+                         headers=admin)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "<svg" in page.text
+        assert httpx.get(f"{gateway.url}/admin/models/{MODEL}/readiness/{'0' * 64}", headers=admin).status_code == 404
+        listing = httpx.get(f"{gateway.url}/admin/models/{MODEL}/readiness", headers=admin).json()
+        assert listing["versions"]["2"]["passing"] == sha
+        switched = httpx.post(f"{gateway.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=admin)
+        assert switched.status_code == 200, switched.text
+    finally:
+        gateway.stop()
+    actions = [r["action"] for r in records(state.parent / f"{state.name}-audit") if r.get("kind") == "control"]
+    assert actions.index("readiness_run") < actions.index("readiness_report") < actions.index("switch")

@@ -14,7 +14,8 @@ from starlette.responses import Response
 from gateway.api.auth import Forbidden
 from gateway.api.body import read_body
 from gateway.api.errors import error_response, json_response
-from gateway.errors import GatewayError, MalformedRequest, Violation
+from gateway.errors import GatewayError, MalformedRequest, NotFound, Violation
+from gateway.readiness import render
 from gateway.readiness.store import MAX_REPORT_BYTES
 from gateway.repository import version_key
 
@@ -229,6 +230,52 @@ async def readiness(model: str, request: Request) -> Response:
         return {"model": model, "gate": section.gate if section is not None else "absent",
                 "policy_sha256": policy_sha or None, "reports": reports, "versions": versions}
     return await _act(request, "viewer", view)
+
+
+@router.post("/models/{model}/versions/{version}/readiness")
+async def readiness_run(model: str, version: str, request: Request) -> Response:
+    """Run the readiness checklist for a version in a child process (`{"scale": 0.1}` for a short run);
+    202 at once, then watch `GET /admin/readiness/runs`. One run at a time (409 while one is going)."""
+    async def act(gateway: Gateway, actor: str) -> dict[str, Any]:
+        body = await _body(request)
+        scale = body.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 10:
+            raise MalformedRequest([Violation("scale", "malformed", "a number in (0, 10]", repr(scale))])
+        gateway.snapshot.model(model).entry(version)  # 404 for a model or version not known here
+        job = await gateway.readiness_runs.start(model, version, actor, float(scale))
+        gateway.control.record(actor, model, "readiness_run", None, {"run": job.id, "version": version,
+                                                                      "scale": job.scale})
+        return {"run": job.view()}
+    return await _act(request, "operator", act, status=202)
+
+
+@router.get("/readiness/runs")
+async def readiness_runs(request: Request) -> Response:
+    """Checklist runs started here (the last 20), newest first, with their output and outcome."""
+    async def view(gateway: Gateway, actor: str) -> dict[str, Any]:
+        return {"runs": [job.view() for job in reversed(gateway.readiness_runs.jobs)]}
+    return await _act(request, "viewer", view)
+
+
+@router.get("/models/{model}/readiness/{sha256}")
+async def readiness_report(model: str, sha256: str, request: Request) -> Response:
+    """A stored report: JSON, or `?format=html` (one self-contained page) / `?format=markdown`."""
+    gateway = _gateway(request)
+    try:
+        gateway.tokens.require(request, "viewer")
+        report = await asyncio.to_thread(gateway.reports.report, model, sha256)
+        if report is None:
+            raise NotFound(f"no stored readiness report {sha256[:12]} for model {model!r}")
+        wanted = request.query_params.get("format", "json")
+        if wanted not in ("json", "html", "markdown"):
+            raise MalformedRequest([Violation("format", "malformed", "json, html or markdown", wanted)])
+    except GatewayError as exc:
+        return error_response(exc)
+    if wanted == "html":
+        return Response(render.html(report), media_type="text/html; charset=utf-8")
+    if wanted == "markdown":
+        return Response(render.markdown(report), media_type="text/markdown; charset=utf-8")
+    return json_response(report)
 
 
 @router.get("/events")

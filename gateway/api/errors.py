@@ -14,6 +14,7 @@ from gateway.errors import (
     InferenceTimeout,
     MalformedRequest,
     ModelNotFound,
+    NotFound,
     RequestTooLarge,
     SchemaViolation,
     Unavailable,
@@ -21,6 +22,7 @@ from gateway.errors import (
     VersionNotFound,
     ViolationError,
 )
+from gateway.readiness.jobs import RunRefused
 from gateway.readiness.store import ReportRejected
 
 #: error class -> (HTTP status, outcome label for metrics)
@@ -31,6 +33,8 @@ STATUS: dict[type[GatewayError], tuple[int, str]] = {
     SchemaViolation: (422, "invalid"),
     ModelNotFound: (404, "not_found"),
     VersionNotFound: (404, "not_found"),
+    NotFound: (404, "not_found"),
+    RunRefused: (409, "conflict"),
     Unavailable: (503, "unavailable"),
     InferenceTimeout: (504, "timeout"),
     Unauthenticated: (401, "unauthenticated"),

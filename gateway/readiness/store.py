@@ -188,6 +188,19 @@ class ReportStore:
                 log.error("readiness report %s changed on disk since it was stored; ignored", stored.path)
         return None
 
+    def report(self, model: str, sha256: str) -> dict[str, Any] | None:
+        """A stored report in full, if it exists and still matches its address."""
+        if not _NAME.match(model) or not _SHA256.match(sha256):
+            return None
+        path = self.directory / model / f"{sha256}.json"
+        try:
+            report = orjson.loads(path.read_bytes()) if path.stat().st_size <= MAX_REPORT_BYTES else None
+        except (OSError, ValueError):
+            return None
+        if report is None or problems_of(report) or report.get("sha256") != sha256:
+            return None
+        return report  # type: ignore[no-any-return]
+
     # --- files ---------------------------------------------------------------------------------
 
     def _scan(self, model: str) -> list[_Stored]:
