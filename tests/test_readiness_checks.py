@@ -159,3 +159,23 @@ def test_policy_and_version_problems_cannot_run(repo: tuple[Path, Path]) -> None
     (repo[1] / f"{MODEL}.yaml").write_text(f"model: {MODEL}\nschema: {{features: {{}}}}\nguard: {{timeout_ms: 0}}\n")
     with pytest.raises(CannotRun, match=r"policy is invalid:[\s\S]*:3:"):
         _context(repo)
+
+
+def test_cpu_steal_is_the_share_of_the_steal_column() -> None:
+    from gateway.readiness.checks_serving import cpu_times, steal_share
+
+    before = [100, 0, 10, 800, 0, 0, 0, 90, 0, 0]
+    after = [150, 0, 20, 900, 0, 0, 0, 130, 0, 0]
+    assert steal_share(before, after) == pytest.approx(40 / 200)
+    assert steal_share(before, before) is None and steal_share(None, after) is None
+    sample = cpu_times()
+    assert sample is None or len(sample) >= 8
+
+
+def test_maturity_reads_the_configuration_even_when_a_phase_fails_early(repo: tuple[Path, Path]) -> None:
+    from gateway.readiness.checklist import run
+
+    _edit_policy(repo[1], readiness={"threshold": 0.99})  # fails the first phase: everything after is skipped
+    report = run(Target(MODEL, "2", repo[0], repo[1]))
+    assert report.items[1].status == "fail" and report.items[-1].status == "skipped"
+    assert report.maturity["level"] == 5

@@ -77,8 +77,9 @@ def run(target: Target, say: Callable[[str], None] = lambda _: None,
     try:
         items = run_phases(phases(ctx), on_item=on_item)
         context = _context(ctx)
-        alerts = ctx.readiness.alert_rules is not None and any(
-            i.key == "alert_rules" and i.status == "pass" for i in items)
+        # maturity is about what is configured, so the rules are read even when their item was skipped
+        alerts = any(i.key == "alert_rules" and i.status == "pass" for i in items) or (
+            ctx.readiness.alert_rules is not None and checks_ops.alert_rules(ctx).status == "pass")
         level = maturity(ctx.policy, ctx.card, alerts) if ctx.card is not None else {"level": 1, "name": "ad hoc"}
     finally:
         ctx.close()

@@ -205,9 +205,29 @@ def _load(ctx: Context, rate: float, seconds: float, path: str, rss_every_s: flo
         await asyncio.gather(*helpers, return_exceptions=True)
 
     ctx.say(f"  {rate:g} req/s for {seconds:g} s")
+    before = cpu_times()
     asyncio.run(main())
     return {"summary": summarise(outcome), "latencies": outcome.latencies_ms, "rss": samples,
-            "actions": done_actions}
+            "actions": done_actions, "steal": steal_share(before, cpu_times())}
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat's `cpu` line), None where there is no /proc."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    return [int(v) for v in fields[1:]] if fields and fields[0] == "cpu" else None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Share of CPU time the hypervisor gave to others between two samples (the `steal` column)."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return None
+    spent = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(spent[:8])
+    return round(spent[7] / total, 4) if total > 0 else None
 
 
 def load_test(ctx: Context) -> ItemResult:
@@ -230,7 +250,8 @@ def load_test(ctx: Context) -> ItemResult:
                 "path": ctx.infer_path()}
     measured = {"latency_ms": {k: rounded(v, 3) for k, v in summary["latency_ms"].items()},
                 "error_rate": error_rate, "achieved_rps": summary["achieved_rps"], "requests": summary["requests"],
-                "errors_by_status": summary["errors_by_status"], "transport_errors": summary["transport_errors"]}
+                "errors_by_status": summary["errors_by_status"], "transport_errors": summary["transport_errors"],
+                "cpu_steal": run["steal"]}
     problems = []
     if not p99 <= slo.p99_ms:
         problems.append(f"p99 {p99:.1f} ms > {slo.p99_ms} ms")
@@ -239,6 +260,9 @@ def load_test(ctx: Context) -> ItemResult:
     if not sustained:
         problems.append(f"only {summary['achieved_rps']} of {summary['scheduled_rps']} req/s")
     if problems:
+        steal = run["steal"]
+        if steal is not None and steal > 0.1:  # say so: the verdict stands, but the reader should know why
+            problems.append(f"the hypervisor took {steal:.0%} of the CPU time during the run")
         return item("fail", f"at {rate:g} req/s: " + "; ".join(problems), evidence, measured)
     return item("pass", f"at {rate:g} req/s for {seconds:g} s: p99 {p99:.1f} ms <= {slo.p99_ms} ms, "
                         f"error rate {error_rate:.4f}", evidence, measured)
