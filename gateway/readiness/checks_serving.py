@@ -231,7 +231,12 @@ def steal_share(before: list[int] | None, after: list[int] | None) -> float | No
 
 
 def load_test(ctx: Context) -> ItemResult:
-    """Twice the policy's peak rate: p99 and error rate within the SLO, the rate sustained."""
+    """Twice the policy's peak rate: p99 and error rate within the SLO.
+
+    Latency counts from each request's scheduled send time, so a server (or a generator) that
+    falls behind the rate shows in p99: no separate throughput criterion is needed, and none would
+    be fair to a short run, whose last answers' tail stretches its duration.
+    """
     slo = ctx.policy.slo
     seconds = max(1.0, ctx.readiness.load_seconds * ctx.target.scale)
     rate = 2 * slo.peak_rps
@@ -240,7 +245,6 @@ def load_test(ctx: Context) -> ItemResult:
     summary = run["summary"]
     p99 = summary["latency_ms"]["p99"]
     error_rate = summary["error_rate"]
-    sustained = summary["achieved_rps"] >= 0.95 * summary["scheduled_rps"]
     counts, _ = np.histogram(np.clip(run["latencies"], 0, 999.0), bins=[e if e is not None else 1e9
                                                                         for e in LATENCY_EDGES])
     ctx.figures.append({"id": "latency", "kind": "histogram", "title": f"Latency at {rate:g} req/s (2 x peak)",
@@ -257,8 +261,6 @@ def load_test(ctx: Context) -> ItemResult:
         problems.append(f"p99 {p99:.1f} ms > {slo.p99_ms} ms")
     if error_rate > slo.error_rate:
         problems.append(f"error rate {error_rate:.4f} > {slo.error_rate}")
-    if not sustained:
-        problems.append(f"only {summary['achieved_rps']} of {summary['scheduled_rps']} req/s")
     if problems:
         steal = run["steal"]
         if steal is not None and steal > 0.1:  # say so: the verdict stands, but the reader should know why

@@ -1,0 +1,504 @@
+"""Review of the readiness checklist and its promotion gate (issue 8): defects found, each pinned by a test.
+
+Every test here is `xfail(strict=True)`: it documents a defect and will flip (and fail the run as
+XPASS) once the defect is fixed, so the marker must be removed with the fix. Checks are called one
+at a time through a real `Context` where possible (no staging gateway); the few that need a real
+server say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from gateway.readiness import checklist, checks_model, checks_serving, jobs
+from gateway.readiness import context as context_module
+from gateway.readiness.command import EXIT_CANNOT_RUN, EXIT_NOT_READY, run_command
+from gateway.readiness.context import CannotRun, Context, Target
+from gateway.readiness.data import GoldenLine
+from gateway.readiness.report import ItemResult, ReadinessReport
+from gateway.readiness.staging import StagingError
+from gateway.readiness.store import ReportRejected, ReportStore
+from tests.conftest import MODEL, MODELS, POLICIES, ROOT
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, Path]:
+    """A writable copy of the bundled models (data included) and policies."""
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    _edit_policy(policies, readiness={"alert_rules": str(ROOT / "docker" / "prometheus" / "alerts.yml")})
+    return models, policies
+
+
+def _edit_policy(policies: Path, **sections: Any) -> None:
+    path = policies / f"{MODEL}.yaml"
+    document = yaml.safe_load(path.read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict):
+            document[key] = {**document[key], **value}
+        else:
+            document[key] = value
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def _context(repo: tuple[Path, Path], version: str = "2") -> Context:
+    return Context(Target(MODEL, version, repo[0], repo[1]))
+
+
+def _args(repo: tuple[Path, Path], out: Path, version: str = "2") -> argparse.Namespace:
+    return argparse.Namespace(model=MODEL, version=version, models=repo[0], policies=repo[1], out=out, store=None,
+                              no_store=True, submit=None, token=None, production_url=None, scale=0.1, quiet=True)
+
+
+class _StagingThatWillNotStart:
+    """Stands in for StagingGateway: the port is taken, the binary is broken, ... (start raises)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.url = "http://127.0.0.1:9"
+
+    def start(self) -> None:
+        raise StagingError("the staging gateway exited with code 1: address already in use")
+
+    def stop(self) -> None:
+        pass
+
+
+# ================================================================ the gate
+
+
+@pytest.mark.xfail(strict=True, reason="store.py:231-297 only checks that a report is self-consistent (address and "
+                                       "verdict recomputed from its own items); anyone who can PUT /admin/readiness "
+                                       "(operator role) can hand-make a one-item 'ready' report and open the gate "
+                                       "without running the checklist and without the admin-only force")
+def test_a_hand_made_report_that_is_not_the_checklist_does_not_open_the_gate(tmp_path: Path) -> None:
+    sha_model, sha_policy = "a" * 64, "b" * 64
+    forged = ReadinessReport(MODEL, "2", sha_model, sha_policy,
+                             [ItemResult("governance", "trust_me", "Trust me", "pass")]).as_json()
+    store = ReportStore(tmp_path)
+    with pytest.raises(ReportRejected):
+        store.put(forged)
+    assert store.passing(MODEL, "2", sha_model, sha_policy) is None
+
+
+# ================================================================ admin-API runs (jobs.py)
+
+
+@pytest.mark.xfail(strict=True, reason="jobs.py:229-240 checks `self.running` and only appends the job after awaiting "
+                                       "create_subprocess_exec: two POST .../readiness calls arriving together both "
+                                       "pass the check and two checklist runs (each with its own staging gateways "
+                                       "and load) go at once, against 'one run at a time (409 while one is going)'")
+def test_two_runs_started_together_are_not_both_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_exec = asyncio.create_subprocess_exec
+
+    async def spawn(*command: str, **kwargs: Any) -> Any:  # a real child, after a realistic spawn delay
+        await asyncio.sleep(0.02)
+        return await real_exec("/bin/sh", "-c", "exit 1", **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+
+    async def main() -> list[Any]:
+        runner = jobs.ReadinessRunner(tmp_path, tmp_path, tmp_path / "store", lambda actor, report: None)
+        results = await asyncio.gather(runner.start(MODEL, "2", "a"), runner.start(MODEL, "2", "b"),
+                                       return_exceptions=True)
+        await asyncio.gather(*runner._tasks, return_exceptions=True)
+        return results
+
+    results = asyncio.run(main())
+    assert sum(isinstance(r, jobs.RunRefused) for r in results) == 1, results
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(p) for p in handle.read().split()]
+    return found
+
+
+def _state_dir_of(pid: int) -> Path | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"GATEWAY_STATE_DIR="):
+            return Path(entry.split(b"=", 1)[1].decode())
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+@pytest.mark.xfail(strict=True, reason="staging.py:81-82 starts the staging gateway in its own session and the CLI "
+                                       "installs no SIGTERM handler, so `jobs.py:257` (run timeout, gateway shutdown) "
+                                       "or any CI runner terminating `gateway readiness` leaves the staging gateway "
+                                       "(and its temp dir) running forever; ctx.close() only runs on a Python exception")
+def test_terminating_the_cli_stops_its_staging_gateway(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "readiness", MODEL, "2", "--models", str(repo[0]), "--policies",
+         str(repo[1]), "--out", str(tmp_path / "out"), "--no-store", "--scale", "0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    staging: list[int] = []
+    try:
+        assert cli.stderr is not None
+        for line in cli.stderr:  # edge_inputs (item 5) has started the staging gateway, which stays up
+            if line.startswith("[ 5]"):
+                break
+        staging = _children(cli.pid)
+        assert staging, "the staging gateway should be running by now"
+        cli.send_signal(signal.SIGTERM)  # what ReadinessRunner does on timeout and at shutdown
+        cli.wait(timeout=30)
+        deadline = time.monotonic() + 8  # an idle gateway stops within a second or two of SIGTERM
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in staging):
+            time.sleep(0.2)
+        leftover = [p for p in staging if Path(f"/proc/{p}").exists()]
+        assert leftover == [], f"staging gateway(s) {leftover} outlived the readiness CLI"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        if cli.stderr is not None:
+            cli.stderr.close()
+        for pid in staging:  # only the processes this test started
+            workdir = _state_dir_of(pid)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+            if workdir is not None and workdir.parent.name.startswith("gateway-readiness-"):
+                shutil.rmtree(workdir.parent, ignore_errors=True)
+
+
+# ================================================================ exit codes and crashes of the CLI / run()
+
+
+@pytest.mark.xfail(strict=True, reason="context.py:213-215 raises CannotRun from inside a check, but report.py:81 "
+                                       "catches every Exception as a failed item: a staging gateway that will not "
+                                       "start gives exit 1 'not ready' (with a report) instead of the documented exit "
+                                       "2 'could not run'")
+def test_a_staging_gateway_that_will_not_start_exits_2(repo: tuple[Path, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context_module, "StagingGateway", _StagingThatWillNotStart)
+    err, out = io.StringIO(), io.StringIO()
+    code = run_command(_args(repo, tmp_path / "out"), err=err, out=out)
+    assert code == EXIT_CANNOT_RUN, (code, out.getvalue())
+
+
+@pytest.mark.xfail(strict=True, reason="checklist.py:86-87 calls checks_ops.alert_rules() again outside run_phases for "
+                                       "the maturity level; checks_ops.py:91 assumes a mapping of groups, so an alert "
+                                       "rules file that is valid YAML of another shape raises AttributeError out of "
+                                       "run(): the CLI dies with a traceback and exit 1 ('not ready'), no report")
+def test_alert_rules_of_the_wrong_shape_do_not_crash_the_run(repo: tuple[Path, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = tmp_path / "alerts.yml"
+    rules.write_text("- alert: GatewayDown\n  expr: up == 0\n")  # a list, not {groups: [...]}
+    _edit_policy(repo[1], readiness={"alert_rules": str(rules)})
+    monkeypatch.setattr(checklist, "phases", lambda ctx: [])  # only the code around the phases is under test
+    report = checklist.run(Target(MODEL, "2", repo[0], repo[1]))
+    assert report.maturity["level"] < 3  # no usable alert rules: not "monitored"
+
+
+@pytest.mark.xfail(strict=True, reason="context.py:231-239 accepts any JSON as production's /status; a status that "
+                                       "is not an object makes stable_version (context.py:128-131) raise "
+                                       "AttributeError, which escapes run() via _context (checklist.py:105): exit 1 "
+                                       "with a traceback instead of 'cannot read the production gateway's status' "
+                                       "(exit 2)")
+def test_a_production_status_that_is_not_an_object_cannot_run(repo: tuple[Path, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    class Answer:
+        status_code = 200
+
+        def raise_for_status(self) -> None:
+            pass
+
+        def json(self) -> Any:
+            return ["not", "a", "status"]
+
+    monkeypatch.setattr(context_module.httpx, "get", lambda *a, **k: Answer())
+    monkeypatch.setattr(checklist, "phases", lambda ctx: [])
+    with pytest.raises(CannotRun, match="production"):
+        checklist.run(Target(MODEL, "2", repo[0], repo[1], production_url="http://prod.example"))
+
+
+# ================================================================ the content address
+
+
+def _fake_run(p99: float, server_ms: float = 0.4, rss: list[tuple[float, int]] | None = None) -> dict[str, Any]:
+    summary = {"latency_ms": {"p50": p99 / 3, "p90": p99 / 2, "p99": p99, "p99.9": p99, "max": p99},
+               "error_rate": 0.0, "achieved_rps": 400.0, "scheduled_rps": 400.0, "requests": 800, "non_2xx": 0,
+               "errors_by_status": {}, "transport_errors": {}, "versions": {"1": 500, "2": 300},
+               "fallback_reasons": {}}
+    actions = [{"action": "switch", "status": 200, "round_trip_ms": server_ms + 1, "server_ms": server_ms,
+                "error": None},
+               {"action": "rollback", "status": 200, "round_trip_ms": server_ms + 1, "server_ms": server_ms,
+                "error": None}]
+    return {"summary": summary, "latencies": [p99] * 10, "rss": rss or [], "actions": actions, "steal": 0.0}
+
+
+def _addressed(result: ItemResult) -> dict[str, Any]:
+    """What of an item the report's address covers (report.py: everything but `seconds` and `measured`)."""
+    return ReadinessReport(MODEL, "2", "a" * 64, "b" * 64, [result]).content()["items"][0]
+
+
+@pytest.mark.parametrize("check, first, second", [
+    ("load_test", _fake_run(7.1), _fake_run(9.8)),
+    ("soak", _fake_run(5, rss=[(float(t), 100 << 20) for t in range(9)]),
+     _fake_run(5, rss=[(float(t), (100 << 20) + (t > 5) * (1 << 20)) for t in range(9)])),
+    ("rehearsal", _fake_run(5, server_ms=0.41), _fake_run(5, server_ms=0.57)),
+])
+@pytest.mark.xfail(strict=True, reason="checks_serving.py:267/296/360-361 put the measured p99, memory growth and "
+                                       "switch/rollback milliseconds into `detail`, which the address covers "
+                                       "(report.py:33 leaves out only `seconds` and `measured`): two runs of the same "
+                                       "inputs with the same verdicts never share an address, against README "
+                                       "'The same inputs give the same address'")
+def test_measurements_that_do_not_change_the_verdict_do_not_change_the_address(
+        repo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, check: str, first: dict[str, Any],
+        second: dict[str, Any]) -> None:
+    ctx = _context(repo)
+    results = []
+    for run in (first, second):
+        monkeypatch.setattr(checks_serving, "_load", lambda *args, run=run, **kwargs: run)
+        results.append(getattr(checks_serving, check)(ctx))
+    assert results[0].status == results[1].status == "pass"
+    assert _addressed(results[0]) == _addressed(results[1])
+
+
+# ================================================================ checks on unusual but valid inputs
+
+
+@pytest.mark.xfail(strict=True, reason="checks_serving.py:382 `document.setdefault('readiness', {})['gate'] = 'off'` "
+                                       "raises TypeError for a policy that writes `readiness:` with no value (valid: "
+                                       "no gate), so fallback_reasons always fails with 'the check could not run' "
+                                       "before the fault gateway is even started")
+def test_fallback_reasons_runs_for_a_policy_with_an_empty_readiness_section(
+        repo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    _edit_policy(repo[1], readiness=None)
+    ctx = _context(repo)
+    assert ctx.policy.readiness is None  # valid: no gate, checklist defaults
+    monkeypatch.setattr(checks_serving, "StagingGateway", _StagingThatWillNotStart)
+    result = checks_serving.fallback_reasons(ctx)  # with the defect: TypeError
+    assert result.status == "fail" and "did not start" in result.detail
+
+
+@pytest.mark.xfail(strict=True, reason="checks_model.py:116-117 compares golden outputs as float64, so a model whose "
+                                       "label output is a string ('default'/'repaid') crashes the golden item "
+                                       "(ValueError, 'the check could not run') although it reproduces its goldens; the "
+                                       "repository's own load check (repository.py _close) compares strings as strings. "
+                                       "checks_serving.py:57 has the same float64 cast on the served path")
+def test_golden_examples_with_a_string_label_output_are_compared_as_strings(
+        repo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = _context(repo)
+    model = ctx.require_model().model
+    assert model is not None
+    real_run = model.run
+    names = {0: "repaid", 1: "default"}
+
+    def run(feeds: Any) -> dict[str, Any]:  # the same model, with its label output as text (as a string classifier)
+        outputs = dict(real_run(feeds))
+        outputs["label"] = np.array([names[int(v)] for v in np.ravel(outputs["label"])], dtype=object)
+        return outputs
+
+    monkeypatch.setattr(model, "run", run)
+    lines = [GoldenLine(g.version, g.example.model_copy(update={"outputs": {
+        **g.example.outputs, "label": names[int(g.example.outputs["label"])]}}) if g.version == "2" else g.example)
+        for g in ctx.golden]
+    ctx.__dict__["golden"] = lines  # the cached golden.jsonl, as a string-label model's would read
+    card = ctx.require_card()
+    card = card.model_copy(update={"golden": [
+        e.model_copy(update={"outputs": {**e.outputs, "label": names[int(e.outputs["label"])]}}) for e in card.golden]})
+    monkeypatch.setattr(Context, "card", property(lambda self: card))
+    result = checks_model.golden(ctx)
+    assert result.status == "pass", result.detail
+
+
+@pytest.mark.xfail(strict=True, reason="checks_model.py:318-328: when the current stable cannot be scored (its card "
+                                       "declares no `score`, or it failed to load: ctx.stable() is None) the "
+                                       "comparison is dropped silently (only `stable_error` in the evidence) and the "
+                                       "item passes on the fallback alone, although the issue requires beating the "
+                                       "current stable by the policy's margin")
+def test_beats_baselines_does_not_pass_when_the_stable_could_not_be_compared(repo: tuple[Path, Path]) -> None:
+    card_path = repo[0] / MODEL / "1" / "model.yaml"
+    card = yaml.safe_load(card_path.read_text())
+    card.pop("score")
+    card_path.write_text(yaml.safe_dump(card, sort_keys=False))
+    ctx = _context(repo)
+    assert ctx.stable() is not None  # v1 loads and serves: it is the stable to beat
+    result = checks_model.beats_baselines(ctx)
+    assert result.status != "pass" or "stable v1" in result.evidence, (result.status, result.detail, result.evidence)
+
+
+@pytest.mark.xfail(strict=True, reason="checks_model.py:132-134: the pass detail says 'no regression against stable "
+                                       "v1' whenever regressions <= max_golden_regressions; with the bundled policy "
+                                       "(max 1) v2 regresses golden-09 and the report's line says there was none")
+def test_the_golden_detail_does_not_deny_a_regression_it_allowed(repo: tuple[Path, Path]) -> None:
+    result = checks_model.golden(_context(repo))
+    assert result.status == "pass" and result.evidence["regressed"] == ["golden-09-C1010295"]
+    assert "no regression" not in result.detail, result.detail
+
+
+@pytest.mark.parametrize("routing", [
+    pytest.param({"stable": "1", "shadow": {"version": "2", "percent": 100}}, id="candidate-shadowed-before-release"),
+    pytest.param({"stable": "1", "canary": {"version": "2", "percent": 5}}, id="candidate-as-policy-canary"),
+    pytest.param({"stable": None}, id="no-declared-stable-highest-version-serves"),
+])
+@pytest.mark.xfail(strict=True, reason="checks_serving.py:314 only spares the candidate from unloading when it is the "
+                                       "policy's declared stable; when the policy shadows or canaries it, or declares "
+                                       "no stable (the highest version serves as stable), the unload is refused with "
+                                       "409 and `health` fails for a healthy candidate (staging gateway started)")
+def test_health_passes_when_the_policy_routes_to_the_candidate(repo: tuple[Path, Path], routing: dict[str, Any]) -> None:
+    _edit_policy(repo[1], routing=routing)
+    ctx = _context(repo)
+    try:
+        result = checks_serving.health(ctx)
+    finally:
+        ctx.close()
+    assert result.status == "pass", result.detail
+
+
+# ================================================================ the gate through a real server
+
+
+@pytest.fixture
+def gated(repo_copy: tuple[Path, Path], start_server: Any, tmp_path: Path) -> Any:
+    from tests.test_readiness_gate import ENV, Gated
+
+    server = Gated(start_server(*repo_copy, env=ENV, state=tmp_path / "state"))
+    yield server, repo_copy
+    server.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.xfail(strict=True, reason="control.py:178-193 (set_canary) never consults the readiness gate: an operator "
+                                       "can send 100 % of unversioned traffic to a version with no passing report, "
+                                       "indefinitely, with no gate record; the gate only guards the `stable` alias")
+def test_a_full_canary_of_an_unreported_version_is_gated(gated: Any) -> None:
+    from tests.conftest import good_row
+    from tests.test_readiness_gate import VIEW
+
+    server, _ = gated
+    server.call("POST", f"{VIEW}/switch", {"version": "2"}, status=409)  # the gate is enforced ...
+    server.call("PUT", f"{VIEW}/canary", {"version": "2", "percent": 100}, status=409)  # ... so is this
+    answer = server.http.post(f"/v1/models/{MODEL}:predict", json={"instances": [good_row()]})
+    assert answer.headers["x-model-version"] == "1"
+
+
+@pytest.mark.e2e
+@pytest.mark.xfail(strict=True, reason="control.py:219-221 exempts `previous_stable` from the gate by version name "
+                                       "only: once that version is reloaded from disk with another file (admin "
+                                       "load), an operator's switch makes the unreported file stable with no "
+                                       "gate_passed/gate_forced record")
+def test_going_back_to_a_previous_stable_whose_file_changed_is_gated(gated: Any) -> None:
+    from tests.test_readiness_gate import ADMIN, VIEW, report
+
+    server, (models, _) = gated
+    shas, policy_sha = server.shas()
+    server.call("PUT", "/admin/readiness", report(shas["2"], policy_sha), status=201)
+    assert server.call("POST", f"{VIEW}/switch", {"version": "2"})["gate"]["forced"] is False
+    server.call("POST", f"{VIEW}/rollback", {"reason": "try again later"})
+    # version 2 is rebuilt in place (here: version 1's model under version 2's name) and loaded
+    for name in ("model.onnx", "model.yaml"):
+        shutil.copy(models / MODEL / "1" / name, models / MODEL / "2" / name)
+    card = yaml.safe_load((models / MODEL / "2" / "model.yaml").read_text())
+    card["version"] = "2"
+    (models / MODEL / "2" / "model.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    server.call("POST", f"/v2/repository/models/{MODEL}/load?version=2", token=ADMIN)
+    assert server.shas()[0]["2"] != shas["2"]
+    error = server.call("POST", f"{VIEW}/switch", {"version": "2"}, status=409)["error"]
+    assert "no passing readiness report" in error
+
+
+@pytest.mark.xfail(strict=True, reason="checks_serving.py:334-344 rehearses from ctx.stable_version (production's stable "
+                                       "when a URL is given, context.py:135-144) but on a staging gateway routed by the "
+                                       "policy file: re-validating the policy's stable v1 while production runs v2 "
+                                       "switches to the already-stable v1 (409) and rolls back to nothing (409), so "
+                                       "the rehearsal fails for reasons unrelated to the candidate (staging started)")
+def test_the_rehearsal_of_the_policy_stable_while_production_runs_another(repo: tuple[Path, Path]) -> None:
+    ctx = Context(Target(MODEL, "1", repo[0], repo[1], production_url="http://127.0.0.1:9", scale=0.1))
+    ctx.production_status = {"server": {}, "models": [{"name": MODEL, "aliases": {"stable": "2"}, "versions": []}]}
+    assert ctx.stable_version == "2"
+    try:
+        result = checks_serving.rehearsal(ctx)
+    finally:
+        ctx.close()
+    assert result.status == "pass", result.detail
+
+
+@pytest.mark.xfail(strict=True, reason="control.py:84-85 `{**data, **data.pop('extra')}` unpacks `data` before the pop, "
+                                       "so every switch/promote answer carries `extra` as well as its lifted keys "
+                                       "(`gate` twice; `\"extra\": {}` otherwise)")
+def test_a_change_answer_lifts_its_extra_facts_without_repeating_them() -> None:
+    from gateway.control import Change
+
+    answer = Change(MODEL, "switch", {}, {}, 1.0, {"gate": {"readiness_report": None, "forced": True}}).as_dict()
+    assert "extra" not in answer and answer["gate"] == {"readiness_report": None, "forced": True}
+
+
+@pytest.mark.xfail(strict=True, reason="staging.py:52 makes the throw-away directory in __init__ and only stop() "
+                                       "removes it, but start() raising StagingError for a server that exited "
+                                       "(staging.py:87-89) does not call stop(), nor do its callers (context.py:207-211, "
+                                       "checks_serving.py:389-392): every failed start leaves a gateway-readiness-* "
+                                       "directory (state, audit, log) behind")
+def test_a_staging_gateway_that_exits_at_start_leaves_no_directory(repo: tuple[Path, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.readiness import staging as staging_module
+
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args: Any, **kwargs: Any) -> str:
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    ctx = _context(repo)
+    monkeypatch.setenv("GATEWAY_INFERENCE_THREADS", "0")  # the server refuses its settings and exits at once
+    monkeypatch.setattr(staging_module.tempfile, "mkdtemp", mkdtemp)
+    try:
+        with pytest.raises(CannotRun, match="exited with code"):
+            ctx.staging()
+        ctx.close()  # what checklist.run does whatever happened
+        assert made and [d for d in made if Path(d).exists()] == []
+    finally:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.xfail(strict=True, reason="checks_model.py:263 casts a binned protected column with float(); a missing-"
+                                       "value marker such as 'NA' in a column that is not a model input (so the "
+                                       "schema never checks it) raises a bare ValueError: the item fails with 'could "
+                                       "not convert string to float' naming neither file, line nor column (DataError "
+                                       "is the convention in data.py)")
+def test_a_binned_protected_column_with_a_missing_marker_is_reported_or_counted_missing(
+        repo: tuple[Path, Path]) -> None:
+    from gateway.readiness.data import DataError
+
+    path = repo[0] / MODEL / "data" / "heldout.csv"
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    age = header.index("age")
+    lines[0] += ",applicant_age"  # a protected column next to the features, not one of them
+    for i in range(1, len(lines)):
+        lines[i] += "," + ("NA" if i == 4 else lines[i].split(",")[age])
+    path.write_text("\n".join(lines) + "\n")
+    _edit_policy(repo[1], readiness={"fairness": {"groups": [{"column": "applicant_age", "bins": [30, 60]}],
+                                                  "decision_threshold": 0.2, "favourable": "negative"}})
+    try:
+        result = checks_model.fairness(_context(repo))
+    except DataError as exc:
+        assert "applicant_age" in str(exc) and "heldout.csv" in str(exc)
+    else:
+        assert result.status in ("pass", "fail") and "applicant_age" in result.evidence["groups"]
