@@ -70,7 +70,8 @@ class Gateway:
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
                                           self.stats, self.shadow, monitor=self.monitor, tracer=self.tracer)
         self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
-        self.reports = ReportStore(settings.readiness_dir or settings.state_dir / "readiness")
+        self.reports = ReportStore(settings.readiness_dir or settings.state_dir / "readiness",
+                                   key=settings.readiness_hmac_key)
         """Uploaded readiness reports, which open the promotion gate."""
         self.readiness_runs = ReadinessRunner(
             settings.models_dir.resolve(), settings.policies_dir.resolve(), self.reports.directory.resolve(),

@@ -33,6 +33,8 @@ from gateway.state import Aliases, ModelState, RolloutState, StateStore, routing
 log = logging.getLogger("gateway.control")
 
 EVENTS_KEPT = 1000
+#: a manual canary above this share of traffic is a promotion in all but name: the readiness gate applies
+MAJORITY_CANARY = 50.0
 #: joins a freshly loaded version with its model's policy: (served version or None, why not)
 ServeVersion = Callable[[ServedModel, ModelVersion], tuple[ServedVersion | None, str]]
 
@@ -82,7 +84,8 @@ class Change:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for the admin API."""
         data = asdict(self)
-        return {**data, **data.pop("extra")}
+        extra = data.pop("extra")
+        return {**data, **extra}
 
 
 class ReleaseControl:
@@ -105,6 +108,9 @@ class ReleaseControl:
         self.lock = asyncio.Lock()
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.rollouts: dict[str, RolloutState | None] = {}
+        self._stable_files: dict[tuple[str, str], str] = {}
+        """(model, version) -> sha256 of the file that served as stable: a switch back to the previous
+        stable is a rollback only while it is the same file."""
         self.on_record: Callable[[dict[str, Any]], None] | None = None
         """Also hands every decision to the audit log."""
 
@@ -116,6 +122,17 @@ class ReleaseControl:
 
     def reconcile(self, snapshot: Snapshot) -> Snapshot:
         """Apply stored state where it still matches the policy's routing; store the rest."""
+        reconciled = self._reconcile(snapshot)
+        for model in reconciled.models.values():
+            self._note_stable(model, model.aliases)
+        return reconciled
+
+    def _note_stable(self, model: ServedModel, aliases: Aliases) -> None:
+        served = model.served.get(aliases.stable) if aliases.stable is not None else None
+        if aliases.stable is not None and served is not None:
+            self._stable_files[(model.name, aliases.stable)] = served.entry.sha256
+
+    def _reconcile(self, snapshot: Snapshot) -> Snapshot:
         models = dict(snapshot.models)
         for name, model in snapshot.models.items():
             declared = _routing_of(model)
@@ -185,12 +202,15 @@ class ReleaseControl:
                                 action: str = "canary", rollout: RolloutState | None = None) -> Change:
         """`set_canary` for callers that hold the lock."""
         current = self._model(model)
+        extra = None
         if version is not None:
             self.require_serving(current, version)
             if version == current.aliases.stable:
                 raise Conflict(f"version {version!r} is stable; a canary must be another version")
+            if action == "canary" and percent > MAJORITY_CANARY:  # a rollout's steps were gated at its start
+                extra = (await self.check_gate_locked(current, version, actor, False, "canary")).fields() or None
         new = current.aliases.with_changes(canary=version, canary_percent=percent if version else 0.0)
-        return await self._apply(current, new, action, actor, rollout=rollout)
+        return await self._apply(current, new, action, actor, rollout=rollout, extra=extra)
 
     async def promote_locked(self, model: str, actor: str, rollout: RolloutState, gate: Gate | None = None) -> Change:
         """The canary becomes stable (end of a rollout; the caller has checked the readiness gate)."""
@@ -216,11 +236,12 @@ class ReleaseControl:
         decision when a gate applies. GateClosed without a passing report, unless `force`."""
         policy = current.policy
         readiness = policy.policy.readiness if policy is not None else None
-        if (policy is None or readiness is None or readiness.gate != "enforce"
-                or version == current.aliases.previous_stable):
+        if policy is None or readiness is None or readiness.gate != "enforce":
             return Gate()
         served = current.served.get(version)
         model_sha = served.entry.sha256 if served is not None else current.entry(version).sha256
+        if version == current.aliases.previous_stable and self._stable_files.get((current.name, version)) == model_sha:
+            return Gate()  # back to the very file that was stable just before: a rollback, never gated
         target = {"version": version, "for": purpose, "model_sha256": model_sha, "policy_sha256": policy.sha256}
         before = {"stable": current.aliases.stable}
         found = await self._passing(current.name, version, model_sha, policy.sha256)
@@ -348,6 +369,7 @@ class ReleaseControl:
         self._publish(replace(snapshot, models={**snapshot.models, name: current.with_aliases(aliases, "state")}))
         swap_us = (time.perf_counter() - swap_started) * 1e6
         self.rollouts[name] = state_rollout
+        self._note_stable(current, aliases)
         took = (time.perf_counter() - started) * 1000
         before, after = asdict(current.aliases), asdict(aliases)
         if self._on_change is not None:

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     """Rotate to a new file beyond this size."""
     audit_max_file_age_s: float = Field(default=3600.0, gt=0)
     """Rotate to a new file after this long."""
+    readiness_hmac_key: str | None = Field(default=None, min_length=16, repr=False)
+    """Shared secret that signs readiness reports: when set, the gate trusts only reports signed with
+    it (`gateway readiness` signs when the same variable is in its environment), so holding an
+    operator token is not enough to open the gate with a report made by hand."""
     audit_hmac_key: str | None = Field(default=None, min_length=16, repr=False)
     """Secret for `hash` redaction; without it, fields to hash are dropped instead (never written)."""
     trace_exporter: Literal["none", "console", "otlp"] = "none"

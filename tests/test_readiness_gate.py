@@ -20,6 +20,7 @@ import yaml
 
 from gateway.admin_client import AdminClient
 from gateway.audit import records, verify
+from gateway.readiness.items import CHECKLIST
 from gateway.readiness.report import ItemResult, ReadinessReport
 from gateway.readiness.store import ReportRejected, ReportStore
 from gateway.state import StateStore
@@ -42,11 +43,10 @@ SHA_A, SHA_B = "a" * 64, "b" * 64
 def report(model_sha: str = SHA_A, policy_sha: str = SHA_B, version: str = "2", ready: bool = True,
            model: str = MODEL, finished: Any = None, tag: str = "") -> dict[str, Any]:
     """A report's JSON form, made by the real classes: every item passes, or one fails when not `ready`."""
-    items = [ItemResult(phase, f"check_{phase}", f"Check of {phase}", "pass", "fine", {"value": 1},
-                        measured={"ms": 3.5}, seconds=0.25)
-             for phase in ("model_validation", "data_pipeline", "infrastructure", "monitoring", "rollback")]
-    items.append(ItemResult("governance", "card", "Card complete", "pass" if ready else "fail",
-                            "complete" if ready else "no owner"))
+    items = [ItemResult(phase, key, title, "pass", "fine", {"value": 1}, measured={"ms": 3.5}, seconds=0.25)
+             for phase, key, title in CHECKLIST[:-1]]
+    phase, key, title = CHECKLIST[-1]
+    items.append(ItemResult(phase, key, title, "pass" if ready else "fail", "matches" if ready else "differs"))
     timings = {"started": 1_700_000_000.0} | ({"finished": finished} if finished is not None else {})
     made = ReadinessReport(model, version, model_sha, policy_sha, items, context={"tag": tag}, timings=timings)
     assert made.ready is ready
@@ -79,7 +79,7 @@ def test_a_stored_report_is_summarised_and_opens_only_its_own_model_file_and_pol
 def test_a_report_that_is_not_ready_never_opens_the_gate(tmp_path: Path) -> None:
     store = ReportStore(tmp_path)
     summary = store.put(report(ready=False))
-    assert (summary["ready"], summary["band"]) == (False, "launch_with_extra_monitoring")
+    assert (summary["ready"], summary["band"]) == (False, "ready")  # 21 of 22 is the top band, but a fail is a fail
     assert store.passing(MODEL, "2", SHA_A, SHA_B) is None
     assert store.summaries(MODEL) == [summary]
 
@@ -115,8 +115,7 @@ def test_a_verdict_that_does_not_follow_from_the_items_is_rejected(tmp_path: Pat
         ReportStore(tmp_path).put(forged)
     message = caught.value.message
     assert "inconsistent verdict: ready is true but the items give false" in message
-    assert "score 1.0 but the items give 0.833333" in message
-    assert "band ready but the items give launch_with_extra_monitoring" in message
+    assert "score 1.0 but the items give 0.954545" in message
 
 
 @pytest.mark.parametrize(("mutate", "reason"), [
@@ -131,7 +130,7 @@ def test_a_verdict_that_does_not_follow_from_the_items_is_rejected(tmp_path: Pat
     (lambda r: r.update(context=[]), "context: an object"),
     (lambda r: r.update(timings="today"), "timings: an object"),
     (lambda r: r.update(items=[]), "items: a non-empty list"),
-    (lambda r: r["items"].append("pass"), "items[6]: an object"),
+    (lambda r: r["items"].append("pass"), "items[22]: an object"),
     (lambda r: r["items"][0].update(status="fine"), "items[0].status: one of pass"),
     (lambda r: r["items"][1].pop("title"), "items[1]: title must be strings"),
     (lambda r: r.update(figures=[{"x": 2**70}]), "it cannot be written as JSON"),  # outside the address
@@ -159,7 +158,7 @@ def test_a_file_changed_on_disk_is_ignored_and_logged(tmp_path: Path, caplog: py
     assert store.passing(MODEL, "2", SHA_A, SHA_B) is not None
     path = tmp_path / MODEL / f"{made['sha256']}.json"
     stored = json.loads(path.read_text())
-    stored["items"][0]["detail"] = "edited on disk"
+    stored["items"][0]["evidence"] = {"value": 2}  # edited on disk
     path.write_text(json.dumps(stored))
     with caplog.at_level(logging.ERROR, logger="gateway.readiness.store"):
         assert store.passing(MODEL, "2", SHA_A, SHA_B) is None
@@ -494,3 +493,39 @@ def test_an_oversized_report_is_refused_before_it_is_read(repo_copy: tuple[Path,
         answer = client.post(f"{VIEW}/switch", content=b" " * (1024 * 1024 + 1), headers=bearer(OPERATOR))
         assert answer.status_code == 413
         assert not (tmp_path / "state" / "readiness").exists()
+
+
+def test_a_report_that_is_not_the_checklist_is_rejected_naming_what_differs(tmp_path: Path) -> None:
+    from gateway.readiness.report import address_of
+
+    made = report()
+    made["items"] = made["items"][:-1]  # governance.environment left out
+    made["score"], made["sha256"] = 1.0, ""
+    made["sha256"] = address_of(made)
+    with pytest.raises(ReportRejected, match=r"not a run of this gateway's checklist.*missing: governance.environment"):
+        ReportStore(tmp_path).put(made)
+
+
+def test_with_a_key_only_signed_reports_are_stored_and_trusted(tmp_path: Path) -> None:
+    import shutil
+
+    from gateway.readiness.store import signature_of
+
+    key = "k" * 32
+    store = ReportStore(tmp_path / "signed", key=key)
+    unsigned = report()
+    with pytest.raises(ReportRejected, match="not signed with this gateway's GATEWAY_READINESS_HMAC_KEY"):
+        store.put(unsigned)
+    wrong = {**unsigned, "signature": signature_of(unsigned["sha256"], "x" * 32)}
+    with pytest.raises(ReportRejected, match="not signed"):
+        store.put(wrong)
+    signed = {**unsigned, "signature": signature_of(unsigned["sha256"], key)}
+    assert store.put(signed)["sha256"] == unsigned["sha256"]
+    assert store.passing(MODEL, "2", SHA_A, SHA_B) is not None
+    # a file planted next to it without the signature opens nothing
+    planted = report(tag="planted")
+    folder = tmp_path / "signed" / MODEL
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / f"{planted['sha256']}.json").write_text(json.dumps(planted))
+    assert store.passing(MODEL, "2", SHA_A, SHA_B) is None

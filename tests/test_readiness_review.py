@@ -1,7 +1,7 @@
 """Review of the readiness checklist and its promotion gate (issue 8): defects found, each pinned by a test.
 
-Every test here is `xfail(strict=True)`: it documents a defect and will flip (and fail the run as
-XPASS) once the defect is fixed, so the marker must be removed with the fix. Checks are called one
+Each test here was written as a strict xfail documenting a defect a review found, and lost its
+marker when the defect was fixed: they now guard against the defects coming back. Checks are called one
 at a time through a real `Context` where possible (no staging gateway); the few that need a real
 server say so.
 """
@@ -84,10 +84,6 @@ class _StagingThatWillNotStart:
 # ================================================================ the gate
 
 
-@pytest.mark.xfail(strict=True, reason="store.py:45-111 only checks that a report is self-consistent (address and "
-                                       "verdict recomputed from its own items); anyone who can PUT /admin/readiness "
-                                       "(operator role) can hand-make a one-item 'ready' report and open the gate "
-                                       "without running the checklist and without the admin-only force")
 def test_a_hand_made_report_that_is_not_the_checklist_does_not_open_the_gate(tmp_path: Path) -> None:
     sha_model, sha_policy = "a" * 64, "b" * 64
     forged = ReadinessReport(MODEL, "2", sha_model, sha_policy,
@@ -101,10 +97,6 @@ def test_a_hand_made_report_that_is_not_the_checklist_does_not_open_the_gate(tmp
 # ================================================================ admin-API runs (jobs.py)
 
 
-@pytest.mark.xfail(strict=True, reason="jobs.py:80-91 checks `self.running` and only appends the job after awaiting "
-                                       "create_subprocess_exec: two POST .../readiness calls arriving together both "
-                                       "pass the check and two checklist runs (each with its own staging gateways "
-                                       "and load) go at once, against 'one run at a time (409 while one is going)'")
 def test_two_runs_started_together_are_not_both_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_exec = asyncio.create_subprocess_exec
 
@@ -147,11 +139,6 @@ def _state_dir_of(pid: int) -> Path | None:
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
-@pytest.mark.xfail(strict=True, reason="staging.py:81-82 starts the staging gateway in its own session and the CLI "
-                                       "installs no SIGTERM handler, so jobs.py:106-109 (run timeout, gateway "
-                                       "shutdown) or a CI runner terminating `gateway readiness` leaves the staging "
-                                       "gateway (and its temp dir) running for good: ctx.close() runs only on a "
-                                       "Python exception")
 def test_terminating_the_cli_stops_its_staging_gateway(repo: tuple[Path, Path], tmp_path: Path) -> None:
     cli = subprocess.Popen(
         [sys.executable, "-m", "gateway", "readiness", MODEL, "2", "--models", str(repo[0]), "--policies",
@@ -189,10 +176,6 @@ def test_terminating_the_cli_stops_its_staging_gateway(repo: tuple[Path, Path], 
 # ================================================================ exit codes and crashes of the CLI / run()
 
 
-@pytest.mark.xfail(strict=True, reason="context.py:211-213 raises CannotRun from inside a check, but report.py:81 "
-                                       "catches every Exception as a failed item: a staging gateway that will not "
-                                       "start gives exit 1 'not ready' (with a report) instead of the documented exit "
-                                       "2 'could not run'")
 def test_a_staging_gateway_that_will_not_start_exits_2(repo: tuple[Path, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(context_module, "StagingGateway", _StagingThatWillNotStart)
@@ -201,10 +184,6 @@ def test_a_staging_gateway_that_will_not_start_exits_2(repo: tuple[Path, Path], 
     assert code == EXIT_CANNOT_RUN, (code, out.getvalue())
 
 
-@pytest.mark.xfail(strict=True, reason="checklist.py:86-87 calls checks_ops.alert_rules() again outside run_phases for "
-                                       "the maturity level; checks_ops.py:91 assumes a mapping of groups, so an alert "
-                                       "rules file that is valid YAML of another shape raises AttributeError out of "
-                                       "run(): the CLI dies with a traceback and exit 1 ('not ready'), no report")
 def test_alert_rules_of_the_wrong_shape_do_not_crash_the_run(repo: tuple[Path, Path], tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     rules = tmp_path / "alerts.yml"
@@ -215,11 +194,6 @@ def test_alert_rules_of_the_wrong_shape_do_not_crash_the_run(repo: tuple[Path, P
     assert report.maturity["level"] < 3  # no usable alert rules: not "monitored"
 
 
-@pytest.mark.xfail(strict=True, reason="context.py:231-239 accepts any JSON as production's /status; a status that "
-                                       "is not an object makes stable_version (context.py:142) raise "
-                                       "AttributeError, which escapes run() via _context (checklist.py:105): exit 1 "
-                                       "with a traceback instead of 'cannot read the production gateway's status' "
-                                       "(exit 2)")
 def test_a_production_status_that_is_not_an_object_cannot_run(repo: tuple[Path, Path],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     class Answer:
@@ -264,19 +238,17 @@ def _addressed(result: ItemResult) -> dict[str, Any]:
      _fake_run(5, rss=[(float(t), (100 << 20) + (t > 5) * (1 << 20)) for t in range(9)])),
     ("rehearsal", _fake_run(5, server_ms=0.41), _fake_run(5, server_ms=0.57)),
 ])
-@pytest.mark.xfail(strict=True, reason="checks_serving.py:269/298/362-363 put the measured p99, memory growth and "
-                                       "switch/rollback milliseconds into `detail`, which the address covers "
-                                       "(report.py:33 leaves out only `seconds` and `measured`): two runs of the same "
-                                       "inputs with the same verdicts never share an address, against README "
-                                       "'The same inputs give the same address'")
 def test_measurements_that_do_not_change_the_verdict_do_not_change_the_address(
         repo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, check: str, first: dict[str, Any],
         second: dict[str, Any]) -> None:
     ctx = _context(repo)
     results = []
-    for run in (first, second):
-        monkeypatch.setattr(checks_serving, "_load", lambda *args, run=run, **kwargs: run)
-        results.append(getattr(checks_serving, check)(ctx))
+    try:
+        for run in (first, second):
+            monkeypatch.setattr(checks_serving, "_load", lambda *args, run=run, **kwargs: run)
+            results.append(getattr(checks_serving, check)(ctx))
+    finally:
+        ctx.close()  # the rehearsal reads the staging gateway's aliases before its load
     assert results[0].status == results[1].status == "pass"
     assert _addressed(results[0]) == _addressed(results[1])
 
@@ -284,10 +256,6 @@ def test_measurements_that_do_not_change_the_verdict_do_not_change_the_address(
 # ================================================================ checks on unusual but valid inputs
 
 
-@pytest.mark.xfail(strict=True, reason="checks_serving.py:384 `document.setdefault('readiness', {})['gate'] = 'off'` "
-                                       "raises TypeError for a policy that writes `readiness:` with no value (valid: "
-                                       "no gate), so fallback_reasons always fails with 'the check could not run' "
-                                       "before the fault gateway is even started")
 def test_fallback_reasons_runs_for_a_policy_with_an_empty_readiness_section(
         repo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _edit_policy(repo[1], readiness=None)
@@ -298,11 +266,6 @@ def test_fallback_reasons_runs_for_a_policy_with_an_empty_readiness_section(
     assert result.status == "fail" and "did not start" in result.detail
 
 
-@pytest.mark.xfail(strict=True, reason="checks_model.py:116-117 compares golden outputs as float64, so a model whose "
-                                       "label output is a string ('default'/'repaid') crashes the golden item "
-                                       "(ValueError, 'the check could not run') although it reproduces its goldens; "
-                                       "the repository's load check (repository.py _close) compares strings as "
-                                       "strings. checks_serving.py:57 has the same float64 cast on the served path")
 def test_golden_examples_with_a_string_label_output_are_compared_as_strings(
         repo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = _context(repo)
@@ -329,11 +292,6 @@ def test_golden_examples_with_a_string_label_output_are_compared_as_strings(
     assert result.status == "pass", result.detail
 
 
-@pytest.mark.xfail(strict=True, reason="checks_model.py:318-328: when the current stable cannot be scored (its card "
-                                       "declares no `score`, or it failed to load: ctx.stable() is None) the "
-                                       "comparison is dropped silently (only `stable_error` in the evidence) and the "
-                                       "item passes on the fallback alone, although the issue requires beating the "
-                                       "current stable by the policy's margin")
 def test_beats_baselines_does_not_pass_when_the_stable_could_not_be_compared(repo: tuple[Path, Path]) -> None:
     card_path = repo[0] / MODEL / "1" / "model.yaml"
     card = yaml.safe_load(card_path.read_text())
@@ -345,9 +303,6 @@ def test_beats_baselines_does_not_pass_when_the_stable_could_not_be_compared(rep
     assert result.status != "pass" or "stable v1" in result.evidence, (result.status, result.detail, result.evidence)
 
 
-@pytest.mark.xfail(strict=True, reason="checks_model.py:132-134: the pass detail says 'no regression against stable "
-                                       "v1' whenever regressions <= max_golden_regressions; with the bundled policy "
-                                       "(max 1) v2 regresses golden-09 and the report's line says there was none")
 def test_the_golden_detail_does_not_deny_a_regression_it_allowed(repo: tuple[Path, Path]) -> None:
     result = checks_model.golden(_context(repo))
     assert result.status == "pass" and result.evidence["regressed"] == ["golden-09-C1010295"]
@@ -360,10 +315,6 @@ def test_the_golden_detail_does_not_deny_a_regression_it_allowed(repo: tuple[Pat
     pytest.param({"stable": None}, id="no-declared-stable-highest-version-serves"),
 ])
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="checks_serving.py:316 only spares the candidate from unloading when it is the "
-                                       "policy's declared stable; when the policy shadows or canaries it, or declares "
-                                       "no stable (the highest version serves as stable), the unload is refused with "
-                                       "409 and `health` fails for a healthy candidate (staging gateway started)")
 def test_health_passes_when_the_policy_routes_to_the_candidate(repo: tuple[Path, Path],
                                                                routing: dict[str, Any]) -> None:
     _edit_policy(repo[1], routing=routing)
@@ -388,9 +339,6 @@ def gated(repo_copy: tuple[Path, Path], start_server: Any, tmp_path: Path) -> An
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="control.py:178-193 (set_canary) never consults the readiness gate: an operator "
-                                       "can send 100 % of unversioned traffic to a version with no passing report, "
-                                       "indefinitely, with no gate record; the gate only guards the `stable` alias")
 def test_a_full_canary_of_an_unreported_version_is_gated(gated: Any) -> None:
     from tests.conftest import good_row
     from tests.test_readiness_gate import VIEW
@@ -403,10 +351,6 @@ def test_a_full_canary_of_an_unreported_version_is_gated(gated: Any) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="control.py:219-221 exempts `previous_stable` from the gate by version name "
-                                       "only: once that version is reloaded from disk with another file (admin "
-                                       "load), an operator's switch makes the unreported file stable with no "
-                                       "gate_passed/gate_forced record")
 def test_going_back_to_a_previous_stable_whose_file_changed_is_gated(gated: Any) -> None:
     from tests.test_readiness_gate import ADMIN, VIEW, report
 
@@ -428,12 +372,6 @@ def test_going_back_to_a_previous_stable_whose_file_changed_is_gated(gated: Any)
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="checks_serving.py:336-346 rehearses from ctx.stable_version (production's "
-                                       "stable when a URL is given, context.py:135-144) but on a staging gateway "
-                                       "routed by the "
-                                       "policy file: re-validating the policy's stable v1 while production runs v2 "
-                                       "switches to the already-stable v1 (409) and rolls back to nothing (409), so "
-                                       "the rehearsal fails for reasons unrelated to the candidate (staging started)")
 def test_the_rehearsal_of_the_policy_stable_while_production_runs_another(repo: tuple[Path, Path]) -> None:
     ctx = Context(Target(MODEL, "1", repo[0], repo[1], production_url="http://127.0.0.1:9", scale=0.1))
     ctx.production_status = {"server": {}, "models": [{"name": MODEL, "aliases": {"stable": "2"}, "versions": []}]}
@@ -445,9 +383,6 @@ def test_the_rehearsal_of_the_policy_stable_while_production_runs_another(repo: 
     assert result.status == "pass", result.detail
 
 
-@pytest.mark.xfail(strict=True, reason="control.py:84-85 `{**data, **data.pop('extra')}` unpacks `data` before the "
-                                       "pop, so every switch/promote answer carries `extra` as well as its lifted keys "
-                                       "(`gate` twice; `\"extra\": {}` otherwise)")
 def test_a_change_answer_lifts_its_extra_facts_without_repeating_them() -> None:
     from gateway.control import Change
 
@@ -456,12 +391,6 @@ def test_a_change_answer_lifts_its_extra_facts_without_repeating_them() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="staging.py:52 makes the throw-away directory in __init__ and only stop() "
-                                       "removes it, but start() raising StagingError for a server that exited "
-                                       "(staging.py:87-89) does not call stop(), nor do its callers "
-                                       "(context.py:208-213, checks_serving.py:391-394): every failed start leaves a "
-                                       "gateway-readiness-* "
-                                       "directory (state, audit, log) behind")
 def test_a_staging_gateway_that_exits_at_start_leaves_no_directory(repo: tuple[Path, Path],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[str] = []
@@ -484,11 +413,6 @@ def test_a_staging_gateway_that_exits_at_start_leaves_no_directory(repo: tuple[P
             shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="checks_model.py:263 casts a binned protected column with float(); a missing-"
-                                       "value marker such as 'NA' in a column that is not a model input (so the "
-                                       "schema never checks it) raises a bare ValueError: the item fails with 'could "
-                                       "not convert string to float' naming neither file, line nor column (DataError "
-                                       "is the convention in data.py)")
 def test_a_binned_protected_column_with_a_missing_marker_is_reported_or_counted_missing(
         repo: tuple[Path, Path]) -> None:
     from gateway.readiness.data import DataError
@@ -511,11 +435,6 @@ def test_a_binned_protected_column_with_a_missing_marker_is_reported_or_counted_
         assert result.status in ("pass", "fail") and "applicant_age" in result.evidence["groups"]
 
 
-@pytest.mark.xfail(strict=True, reason="checks_model.py:154-155 builds the golden feeds with the candidate's validator "
-                                       "(ctx.evaluator) and runs the stable on them: a candidate that adds an input "
-                                       "(the usual reason for a new version) makes the stable's session refuse "
-                                       "'Invalid input name', and `golden` fails with 'the check could not run' "
-                                       "(beats_baselines, checks_model.py:323, builds the stable its own Evaluator)")
 def test_golden_regressions_are_judged_for_a_candidate_with_a_new_input(repo: tuple[Path, Path]) -> None:
     import hashlib
 
@@ -542,10 +461,6 @@ def test_golden_regressions_are_judged_for_a_candidate_with_a_new_input(repo: tu
     assert result.status == "pass" and result.evidence["stable_version"] == "1", result.detail
 
 
-@pytest.mark.xfail(strict=True, reason="checks_ops.py:205-221 only records production's policy sha256 in the evidence: "
-                                       "the issue lists 'model and policy hashes' in the fingerprint that must match "
-                                       "production, yet a production gateway running another policy passes "
-                                       "`environment`")
 def test_a_production_policy_that_differs_fails_the_environment_item(repo: tuple[Path, Path]) -> None:
     from gateway.readiness import checks_ops
     from gateway.readiness.fingerprint import environment

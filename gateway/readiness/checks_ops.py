@@ -88,7 +88,11 @@ def alert_rules(ctx: Context) -> ItemResult:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         return item("fail", f"cannot read the alert rules {path.name}: {exc}")
-    rules = [r for g in (document or {}).get("groups", []) for r in g.get("rules", []) if "alert" in r]
+    groups = document.get("groups") if isinstance(document, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("rules", []), list)
+                                               for g in groups):
+        return item("fail", f"{path.name} is not a Prometheus rules file (a `groups` list of rule groups)")
+    rules = [r for g in groups for r in g.get("rules", []) if isinstance(r, dict) and "alert" in r]
     model = ctx.target.model
     applies = [r for r in rules if _applies(r.get("expr", ""), model)]
     covered: dict[str, list[str]] = {}
@@ -212,10 +216,14 @@ def environment(ctx: Context) -> ItemResult:
     else:
         evidence_policy = {"production_policy_sha256": None, "this_policy_sha256": ctx.loaded.sha256}
     produced = versions.get(ctx.target.version)
-    if produced and produced != ctx.model_sha256:
+    if produced != ctx.model_sha256:  # absent too: production must hold the very file that was judged
         blocking.append({"key": "model.sha256", "local": ctx.model_sha256, "remote": produced,
                          "severity": "must_match"})
+    if evidence_policy["production_policy_sha256"] != ctx.loaded.sha256:
+        blocking.append({"key": "policy.sha256", "local": ctx.loaded.sha256,
+                         "remote": evidence_policy["production_policy_sha256"], "severity": "must_match"})
     evidence = {"differences": differences, **evidence_policy, "production_has_version": produced is not None}
     if blocking:
-        return item("fail", "differs from production in " + ", ".join(d["key"] for d in blocking), evidence)
+        hint = (" (load the version there first: `gateway load MODEL --version V`)" if produced is None else "")
+        return item("fail", "differs from production in " + ", ".join(d["key"] for d in blocking) + hint, evidence)
     return item("pass", f"matches production ({len(differences)} informational differences)", evidence)

@@ -23,6 +23,7 @@ import yaml
 
 from gateway.audit import records, verify
 from gateway.readiness import metrics
+from gateway.readiness.checks_model import same_output
 from gateway.readiness.context import Context, item, outputs_of, rounded
 from gateway.readiness.evaluate import score_of
 from gateway.readiness.report import ItemResult
@@ -51,14 +52,13 @@ def served_reference(ctx: Context) -> ItemResult:
                 problems.append(f"the card's golden inputs got {answer.status_code}: {answer.text[:200]}")
             else:
                 got = outputs_of(answer.json())
-                worst = 0.0
-                for i, example in enumerate(card.golden):
-                    for name, expected in example.outputs.items():
-                        diff = np.abs(np.asarray(got[name][i], dtype=np.float64) - np.asarray(expected, np.float64))
-                        worst = max(worst, float(diff.max(initial=0.0)))
-                evidence["card_golden"] = {"examples": len(card.golden), "max_abs_diff": rounded(worst, 9)}
-                if worst > spec.golden_tolerance:
-                    problems.append(f"served golden outputs differ from the card's by {worst:.2e}")
+                mismatched = [f"{example.id}.{name}" for i, example in enumerate(card.golden)
+                              for name, expected in example.outputs.items()
+                              if name not in got or not same_output(got[name][i], expected, spec.golden_tolerance)]
+                evidence["card_golden"] = {"examples": len(card.golden), "mismatched": mismatched[:20]}
+                if mismatched:
+                    problems.append(f"{len(mismatched)} served golden outputs differ from the card's "
+                                    f"(first: {mismatched[0]})")
         served = []
         rows = ctx.table_rows(ctx.heldout)
         for start in range(0, len(rows), TABLE_BATCH):
@@ -313,9 +313,10 @@ def health(ctx: Context) -> ItemResult:
         ok = step("live", "GET", "/v2/health/live", 200)
         ok &= step("ready", "GET", "/v2/health/ready", 200)
         ok &= step("version ready", "GET", f"/v2/models/{model}/versions/{version}/ready", 200)
-        aliased = ctx.policy.routing.stable == version
-        if aliased:
-            steps.append({"step": "unload", "note": "the candidate is the policy's stable: not unloaded"})
+        view = client.get(f"/admin/models/{model}").json()
+        held = sorted(k for k, v in (view.get("aliases") or {}).items() if v == version)
+        if held:  # unloading a version an alias points at is refused, rightly: that is not the check here
+            steps.append({"step": "unload", "note": f"not unloaded: the policy routes to it ({', '.join(held)})"})
         else:
             ok &= step("unload", "POST", f"/v2/repository/models/{model}/unload?version={version}", 200)
             ok &= step("version not ready after unload", "GET", f"/v2/models/{model}/versions/{version}/ready", 503)
@@ -343,6 +344,13 @@ def rehearsal(ctx: Context) -> ItemResult:
     actions: list[tuple[float, str, str, dict[str, Any]]] = [
         (seconds / 3, "POST", f"/admin/models/{model}/switch", {"version": ctx.target.version, "force": True}),
         (2 * seconds / 3, "POST", f"/admin/models/{model}/rollback", {"reason": "readiness rehearsal"})]
+    staging = ctx.staging()
+    aliases = staging.admin("GET", f"/admin/models/{model}").json().get("aliases") or {}
+    if aliases.get("stable") != stable:  # production's stable is not the policy's: start where production is
+        moved = staging.admin("POST", f"/admin/models/{model}/switch", json={"version": stable, "force": True})
+        if moved.status_code != 200:
+            return item("fail", f"cannot set up the rehearsal (switch the staging gateway to v{stable}): "
+                                f"{moved.status_code} {moved.text[:200]}")
     run = _load(ctx, rate, seconds, ctx.infer_path(pinned=False), actions=actions)
     summary = run["summary"]
     done = run["actions"]
@@ -381,7 +389,7 @@ def fallback_reasons(ctx: Context) -> ItemResult:
         path = Path(ctx.loaded.source)
         document = yaml.safe_load(path.read_text())
         document["faults"] = faults
-        document.setdefault("readiness", {})["gate"] = "off"
+        document["readiness"] = {**(document.get("readiness") or {}), "gate": "off"}
         document["batching"] = None
         (policies / path.name).write_text(yaml.safe_dump(document, sort_keys=False))
         gateway = StagingGateway(ctx.target.models_dir, policies, {"GATEWAY_ALLOW_FAULT_INJECTION": "true",
@@ -400,11 +408,13 @@ def fallback_reasons(ctx: Context) -> ItemResult:
         shutil.rmtree(workdir, ignore_errors=True)
     wanted = ["runtime_error", "circuit_open", "unavailable"] + (["timeout", "overloaded"] if stable else [])
     missing = [r for r in wanted if not seen.get(r, {}).get("answered")]
-    evidence = {"reasons": seen, "faults": faults,
+    evidence = {"answered": sorted(r for r in wanted if r not in missing), "faults": faults,
                 "not_provoked": [] if stable else ["timeout", "overloaded (need a second version to slow down)"]}
+    measured = {"answers_by_reason": {r: v["count"] for r, v in seen.items()}}
     if missing:
-        return item("fail", f"no valid fallback answer for: {', '.join(missing)}", evidence)
-    return item("pass", f"the fallback answered for {', '.join(wanted)}", evidence)
+        return item("fail", f"no valid fallback answer for: {', '.join(missing)}", evidence, measured)
+    untested = "" if stable else " (timeout and overloaded need a second version to slow down: not provoked)"
+    return item("pass", f"the fallback answered for {', '.join(wanted)}{untested}", evidence, measured)
 
 
 def _provoke(ctx: Context, gateway: StagingGateway, stable: str | None) -> dict[str, dict[str, Any]]:

@@ -8,9 +8,12 @@ a report that could not be written or submitted).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,7 +45,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--no-store", action="store_true", help="do not keep the report in the store")
     parser.add_argument("--submit", metavar="URL", help="also upload the report to this gateway's admin API "
                                                         "(recorded in its audit log)")
-    parser.add_argument("--token", help="admin token for --submit (default: env GATEWAY_TOKEN)")
+    parser.add_argument("--token", help="operator token for --submit (default: env GATEWAY_TOKEN)")
     parser.add_argument("--production-url", help="production gateway whose environment must match")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the load, soak and rehearsal durations (e.g. 0.1 for a smoke run)")
@@ -67,11 +70,19 @@ def run_command(args: argparse.Namespace, err: TextIO = sys.stderr, out: TextIO 
                     args.policies or settings.policies_dir, args.production_url, args.scale)
     progress = _Progress(err, quiet=args.quiet)
     try:
-        report = run(target, say=progress.say, on_item=progress.item)
+        with _stopped_by_sigterm():
+            report = run(target, say=progress.say, on_item=progress.item)
     except CannotRun as exc:
         print(f"gateway readiness: cannot run: {exc}", file=err)
         return EXIT_CANNOT_RUN
+    except _Terminated:
+        print("gateway readiness: stopped (SIGTERM); the staging gateways were stopped", file=err)
+        return EXIT_CANNOT_RUN
     document = report.as_json()
+    if settings.readiness_hmac_key:
+        from gateway.readiness.store import signature_of
+
+        document["signature"] = signature_of(document["sha256"], settings.readiness_hmac_key)
     try:
         paths = write_reports(document, args.out)
     except OSError as exc:
@@ -83,7 +94,7 @@ def run_command(args: argparse.Namespace, err: TextIO = sys.stderr, out: TextIO 
 
         directory = args.store or settings.readiness_dir or settings.state_dir / "readiness"
         try:
-            stored = ReportStore(directory).put(document)
+            stored = ReportStore(directory, key=settings.readiness_hmac_key).put(document)
         except (OSError, ValueError, ReportRejected) as exc:
             print(f"gateway readiness: cannot keep the report in {directory}: {exc}", file=err)
             return EXIT_CANNOT_RUN
@@ -125,6 +136,27 @@ def _summary(document: dict[str, Any], paths: dict[str, Path], out: TextIO) -> N
     print(f"report {document['sha256']}", file=out)
     for kind, path in paths.items():
         print(f"  {kind}: {path}", file=out)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind (stopping the staging gateways on the way out)."""
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into an exception in the main thread, so every `finally` runs before exit."""
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Progress:

@@ -140,7 +140,7 @@ class Context:
         status = self.production()
         if status is not None:
             for model in status.get("models", []):
-                if model.get("name") == self.target.model:
+                if isinstance(model, dict) and model.get("name") == self.target.model:
                     stable = (model.get("aliases") or {}).get("stable") or stable
         return None if stable in (None, self.target.version) else str(stable)
 
@@ -234,9 +234,13 @@ class Context:
             try:
                 answer = httpx.get(url.rstrip("/") + "/status", timeout=10)
                 answer.raise_for_status()
-                self.production_status = answer.json()
+                status = answer.json()
             except (httpx.HTTPError, ValueError) as exc:
                 raise CannotRun(f"cannot read the production gateway's status at {url}: {exc}") from None
+            if not isinstance(status, dict) or not isinstance(status.get("models", []), list):
+                raise CannotRun(f"the production gateway's status at {url} is not a gateway's status (a JSON "
+                                f"object with `models`)")
+            self.production_status = status
         return self.production_status
 
     def infer_path(self, pinned: bool = True) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import shutil
 import sys
 import tempfile
 import time
@@ -81,14 +82,19 @@ class ReadinessRunner:
         if busy is not None:
             raise RunRefused(f"readiness run {busy.id} ({busy.model} v{busy.version}) is still running")
         job = ReadinessJob(next(self._ids), model, version, actor, scale, time.time())
+        self.jobs.append(job)  # before any await: a second request arriving meanwhile sees it running
         out_dir = Path(tempfile.mkdtemp(prefix="gateway-readiness-run-"))
         command = [sys.executable, "-m", "gateway", "readiness", model, version, "--models", str(self.models_dir),
                    "--policies", str(self.policies_dir), "--store", str(self.store_dir), "--out", str(out_dir),
                    "--scale", str(scale)]
-        job._process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        self.jobs.append(job)
+        try:
+            job._process = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+        except BaseException as exc:
+            job.status, job.finished, job.output = "could_not_run", time.time(), f"cannot start: {exc}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         task = asyncio.get_running_loop().create_task(self._watch(job, out_dir))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -106,14 +112,21 @@ class ReadinessRunner:
                 job.exit_code = await process.wait()
         except (TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            job.exit_code = await process.wait()
+                process.terminate()  # the CLI stops its staging gateways on SIGTERM
+            try:
+                async with asyncio.timeout(60):
+                    job.exit_code = await process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                job.exit_code = await process.wait()
             job.status = "stopped"
         job.finished = time.time()
         job.output = tail.decode("utf-8", "replace")
-        if job.status == "running":
-            job.status = {0: "ready", 1: "not_ready"}.get(job.exit_code or 0, "could_not_run")
         reports = sorted(out_dir.glob("*-readiness.json"))
+        if job.status == "running":
+            job.status = {0: "ready", 1: "not_ready"}.get(job.exit_code, "could_not_run") if reports \
+                else "could_not_run"
         if reports and job.exit_code in (0, 1):
             document = orjson.loads(reports[0].read_bytes())
             job.report = {k: document.get(k) for k in ("sha256", "model", "version", "ready", "score", "band",
@@ -121,9 +134,7 @@ class ReadinessRunner:
             job.report["failed"] = [f"{i['phase']}.{i['key']}: {i['detail']}" for i in document.get("items", [])
                                     if i.get("status") == "fail"]
             self.on_report(job.actor, job.report)
-        for path in out_dir.iterdir():
-            path.unlink(missing_ok=True)
-        out_dir.rmdir()
+        shutil.rmtree(out_dir, ignore_errors=True)
 
     async def close(self) -> None:
         """Stop any run in progress (at shutdown)."""

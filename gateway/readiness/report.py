@@ -29,8 +29,9 @@ DELAY_BELOW = 0.80
 READY_ABOVE = 0.95
 
 
-#: item fields the content address leaves out (they vary from run to run)
-_UNADDRESSED = frozenset({"seconds", "measured"})
+#: item fields the content address leaves out: measurements vary from run to run, and the detail is
+#: prose written from the evidence and the measurements (a p99 in a pass line must not move the address)
+_UNADDRESSED = frozenset({"seconds", "measured", "detail"})
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ItemResult:
     title: str
     status: Status
     detail: str = ""
-    """One line a person reads: why it passed or failed."""
+    """One line a person reads: why it passed or failed (outside the address: it may quote measurements)."""
     evidence: dict[str, Any] = field(default_factory=dict)
     """Figures and facts (JSON-ready) the verdict rests on."""
     measured: dict[str, Any] = field(default_factory=dict)
@@ -66,8 +67,13 @@ class Phase:
 
 
 def run_phases(phases: Sequence[Phase], clock: Callable[[], float] = time.perf_counter,
-               on_item: Callable[[ItemResult], None] | None = None) -> list[ItemResult]:
-    """Run every check in order; after a phase with a failure, the rest are `skipped`."""
+               on_item: Callable[[ItemResult], None] | None = None,
+               abort_on: tuple[type[Exception], ...] = ()) -> list[ItemResult]:
+    """Run every check in order; after a phase with a failure, the rest are `skipped`.
+
+    A check raising one of `abort_on` stops the whole run (the exception propagates): it says the
+    run cannot judge anything, as opposed to this item failing.
+    """
     results: list[ItemResult] = []
     failed_phase: str | None = None
     for phase in phases:
@@ -78,6 +84,8 @@ def run_phases(phases: Sequence[Phase], clock: Callable[[], float] = time.perf_c
                 started = clock()
                 try:
                     item = check()
+                except abort_on:
+                    raise
                 except Exception as exc:  # a check that cannot run is a failed check, with the reason
                     item = ItemResult(phase.name, key, title, "fail", f"the check could not run: {exc}",
                                       {"error": type(exc).__name__})
@@ -180,7 +188,8 @@ class ReadinessReport:
 
     def as_json(self) -> dict[str, Any]:
         """The full report: content, address and timings."""
-        return {**self.content(), "sha256": self.sha256, "timings": self.timings,
+        items = [{k: v for k, v in asdict(i).items() if k not in ("seconds", "measured")} for i in self.items]
+        return {**self.content(), "items": items, "sha256": self.sha256, "timings": self.timings,
                 "measured": {f"{i.phase}.{i.key}": i.measured for i in self.items if i.measured},
                 "seconds": {f"{i.phase}.{i.key}": i.seconds for i in self.items},
                 "figures": self.figures}

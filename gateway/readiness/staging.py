@@ -26,6 +26,8 @@ import httpx
 
 #: how long the staging gateway may take to load and warm up every model
 START_TIMEOUT_S = 120.0
+#: environment variables a staging gateway does not inherit
+PRIVATE_SETTINGS = ("OTEL_", "GATEWAY_TRACE_", "GATEWAY_READINESS_", "GATEWAY_AUDIT_HMAC_KEY", "GATEWAY_TOKEN")
 
 
 class StagingError(Exception):
@@ -70,12 +72,23 @@ class StagingGateway:
 
     def start(self) -> None:
         """Start the server and wait until it answers ready; StagingError with its log otherwise."""
-        env = {**os.environ, "GATEWAY_STATE_DIR": str(self.state_dir), "GATEWAY_AUDIT_DIR": str(self.audit_dir),
+        # Performance settings (threads, queue limits, body size) are kept so the load test measures
+        # what production would run; where spans go, secrets and the report store are production's own
+        # and must not see staging traffic.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_SETTINGS)}
+        env = {**inherited, "GATEWAY_STATE_DIR": str(self.state_dir), "GATEWAY_AUDIT_DIR": str(self.audit_dir),
                "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_ALLOW_FAULT_INJECTION": "false",
                "GATEWAY_ADMIN_TOKENS": json.dumps([{"name": "readiness", "role": "admin", "token": self.token}]),
                **self.extra_env}
         command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--models", str(self.models_dir), "--policies", str(self.policies_dir)]
+        try:
+            self._spawn(command, env)
+        except BaseException:
+            self.stop()  # nothing of a failed start stays behind: no process, no directory
+            raise
+
+    def _spawn(self, command: list[str], env: dict[str, str]) -> None:
         log = self.log_path.open("wb")
         try:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -93,7 +106,6 @@ class StagingGateway:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        self.stop()
         raise StagingError(f"the staging gateway did not start within {START_TIMEOUT_S:.0f} s: {self.log_tail()}")
 
     def stop(self) -> None:

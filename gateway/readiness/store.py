@@ -10,6 +10,8 @@ keeps its `keep_per_model` most recently stored reports.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -23,6 +25,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import ClientError
+from gateway.readiness.items import CHECKLIST
 from gateway.readiness.report import ItemResult, ReadinessReport, address_of
 from gateway.state import write_atomically
 
@@ -95,8 +98,15 @@ def _shape_problems(report: dict[str, Any]) -> list[str]:
 
 
 def _verdict_problems(report: dict[str, Any]) -> list[str]:
-    """A report whose address matches can still have been assembled by hand: its score, band and
-    `ready` must be what its items give, by the checklist's own rules."""
+    """A report whose address matches can still have been assembled by hand: its items must be the
+    checklist's, and its score, band and `ready` what those items give, by the checklist's own rules."""
+    listed = [(i["phase"], i["key"]) for i in report["items"]]
+    expected = [(phase, key) for phase, key, _ in CHECKLIST]
+    if listed != expected:
+        unknown = sorted(f"{p}.{k}" for p, k in set(listed) - set(expected))
+        missing = sorted(f"{p}.{k}" for p, k in set(expected) - set(listed))
+        return [f"not a run of this gateway's checklist: its items are not the {len(expected)} checklist items in "
+                f"order (missing: {', '.join(missing) or 'none'}; unknown: {', '.join(unknown) or 'none'})"]
     items = [ItemResult(i["phase"], i["key"], i["title"], i["status"]) for i in report["items"]]
     derived = ReadinessReport(report["model"], report["version"], report["model_sha256"], report["policy_sha256"],
                               items)
@@ -144,18 +154,41 @@ class _Stored:
     """None: junk (unreadable, not a report, or not matching its address)."""
 
 
-class ReportStore:
-    """Readiness reports by model, verified on the way in and on the way out (thread-safe)."""
+def signature_of(sha256: str, key: str) -> str:
+    """HMAC-SHA256 of a report's address with the shared readiness key (hex)."""
+    return hmac.new(key.encode(), sha256.encode(), hashlib.sha256).hexdigest()
 
-    def __init__(self, directory: Path, keep_per_model: int = 50) -> None:
+
+def signature_problems(report: dict[str, Any], key: str | None) -> list[str]:
+    """With a key: the report must carry the signature of its address made with that key."""
+    if key is None:
+        return []
+    given = report.get("signature")
+    if not isinstance(given, str) or not hmac.compare_digest(given, signature_of(str(report.get("sha256")), key)):
+        return ["not signed with this gateway's GATEWAY_READINESS_HMAC_KEY (run `gateway readiness` with the same "
+                "key in its environment)"]
+    return []
+
+
+class ReportStore:
+    """Readiness reports by model, verified on the way in and on the way out (thread-safe).
+
+    With `key`, only reports signed with it are accepted and trusted (the CLI signs when it has the
+    key): a report assembled by hand, or planted in the directory, opens nothing.
+    """
+
+    def __init__(self, directory: Path, keep_per_model: int = 50, key: str | None = None) -> None:
         self.directory = directory
         self.keep_per_model = keep_per_model
+        self._key = key
         self._lock = threading.Lock()
         self._seen: dict[Path, _Stored] = {}
 
     def put(self, report: Any) -> dict[str, Any]:
         """Verify and store a report (its JSON form); its summary, or ReportRejected with every reason."""
         problems = problems_of(report)
+        if not problems:
+            problems = signature_problems(report, self._key)
         if problems:
             raise ReportRejected("readiness report rejected: " + "; ".join(problems))
         try:
@@ -182,7 +215,7 @@ class ReportStore:
                         version, model_sha256, policy_sha256):
                     continue
                 # the gate rests on this file: check what is on disk now, not what was read before
-                fresh = self._read(stored.path)
+                fresh = self._read(stored.path, self._key)
                 if fresh is not None and fresh["sha256"] == s["sha256"] and fresh["ready"]:
                     return fresh
                 log.error("readiness report %s changed on disk since it was stored; ignored", stored.path)
@@ -197,7 +230,8 @@ class ReportStore:
             report = orjson.loads(path.read_bytes()) if path.stat().st_size <= MAX_REPORT_BYTES else None
         except (OSError, ValueError):
             return None
-        if report is None or problems_of(report) or report.get("sha256") != sha256:
+        if report is None or problems_of(report) or signature_problems(report, self._key) or \
+                report.get("sha256") != sha256:
             return None
         return report  # type: ignore[no-any-return]
 
@@ -225,14 +259,14 @@ class ReportStore:
             stamp = (info.st_mtime_ns, info.st_size)
             known = self._seen.get(path)
             if known is None or known.stamp != stamp:
-                known = self._seen[path] = _Stored(path, stamp, self._read(path))
+                known = self._seen[path] = _Stored(path, stamp, self._read(path, self._key))
             found.append(known)
         for path in [p for p in self._seen if p.parent == folder and not p.exists()]:
             del self._seen[path]
         return sorted(found, key=lambda s: (s.summary["created"] if s.summary else 0.0, s.stamp[0]), reverse=True)
 
     @staticmethod
-    def _read(path: Path) -> dict[str, Any] | None:
+    def _read(path: Path, key: str | None = None) -> dict[str, Any] | None:
         """The summary of a report file that verifies; None (logged) for anything else."""
         try:
             info = path.stat()
@@ -243,6 +277,8 @@ class ReportStore:
             log.warning("skipping readiness report file %s: %s", path, exc)
             return None
         problems = problems_of(report)
+        if not problems:
+            problems = signature_problems(report, key)
         if not problems and report["sha256"] != path.stem:
             problems = [f"stored under another address ({path.stem[:12]})"]
         if problems:
