@@ -120,6 +120,18 @@ def repo_copy(tmp_path: Path) -> tuple[Path, Path]:
     return models, policies
 
 
+@pytest.fixture
+def readiness_repo(tmp_path: Path) -> tuple[Path, Path]:
+    """A writable copy of the bundled models (data and sign-offs included) and policies, for the
+    readiness checklist; the policy's alert rules point at the repository's own."""
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    patch_policy(policies, MODEL, readiness={"alert_rules": str(ROOT / "docker" / "prometheus" / "alerts.yml")})
+    return models, policies
+
+
 def patch_policy(policies: Path, model: str, **sections: Any) -> None:
     """Merge top-level `sections` into a copied policy file (e.g. guard={...}); comments are lost."""
     import yaml

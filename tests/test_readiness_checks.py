@@ -16,30 +16,7 @@ import yaml
 from gateway.readiness import checks_model, checks_ops
 from gateway.readiness.context import CannotRun, Context, Target
 from gateway.readiness.fingerprint import environment
-from tests.conftest import MODEL, MODELS, POLICIES, ROOT
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> tuple[Path, Path]:
-    models = tmp_path / "models"
-    shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
-    _edit_policy(policies, readiness={"alert_rules": str(ROOT / "docker" / "prometheus" / "alerts.yml")})
-    return models, policies
-
-
-def _edit_policy(policies: Path, **sections: Any) -> None:
-    path = policies / f"{MODEL}.yaml"
-    document = yaml.safe_load(path.read_text())
-    for key, value in sections.items():
-        if value is None:
-            document.pop(key, None)
-        elif isinstance(value, dict) and isinstance(document.get(key), dict):
-            document[key] = {**document[key], **value}
-        else:
-            document[key] = value
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
+from tests.conftest import MODEL, ROOT, patch_policy
 
 
 def _context(repo: tuple[Path, Path], version: str = "2", **target: Any) -> Context:
@@ -56,7 +33,7 @@ def test_the_bundled_files_pass_every_file_check(repo: tuple[Path, Path]) -> Non
 
 
 def test_no_outcome_thresholds_fails_outcome_monitoring(repo: tuple[Path, Path]) -> None:
-    _edit_policy(repo[1], feedback=None)
+    patch_policy(repo[1], MODEL, feedback={"auc_below": None, "brier_above": None})
     result = checks_ops.outcome_monitoring(_context(repo))
     assert result.status == "fail" and "no outcome threshold" in result.detail
 
@@ -71,7 +48,7 @@ def test_alert_rules_without_runbooks_or_a_family_fail_naming_them(repo: tuple[P
     for page in (ROOT / "docs" / "runbooks").iterdir():
         shutil.copy(page, tmp_path / "docs" / "runbooks" / page.name)
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    _edit_policy(repo[1], readiness={"alert_rules": str(tmp_path / "alerts.yml")})
+    patch_policy(repo[1], MODEL, readiness={"alert_rules": str(tmp_path / "alerts.yml")})
     result = checks_ops.alert_rules(_context(repo))
     assert result.status == "fail"
     assert "no alert for drift" in result.detail
@@ -84,13 +61,13 @@ def test_rules_for_another_model_do_not_count(repo: tuple[Path, Path], tmp_path:
     for rule in rules["groups"][0]["rules"]:
         rule["expr"] = rule["expr"].replace("gateway_breaker_state", 'gateway_breaker_state{model="other"}')
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    _edit_policy(repo[1], readiness={"alert_rules": str(tmp_path / "alerts.yml")})
+    patch_policy(repo[1], MODEL, readiness={"alert_rules": str(tmp_path / "alerts.yml")})
     result = checks_ops.alert_rules(_context(repo))
     assert result.status == "fail" and "breaker" in result.evidence["missing"]
 
 
 def test_rollback_criteria_without_latency_fail(repo: tuple[Path, Path]) -> None:
-    _edit_policy(repo[1], rollout={"rollback_if": {"p99_ratio_gt": None, "p99_ms_gt": None}})
+    patch_policy(repo[1], MODEL, rollout={"rollback_if": {"p99_ratio_gt": None, "p99_ms_gt": None}})
     result = checks_ops.rollback_criteria(_context(repo))
     assert result.status == "fail" and "no latency criterion" in result.detail
 
@@ -110,7 +87,7 @@ def test_an_incomplete_card_and_missing_signoffs_fail_governance(repo: tuple[Pat
 
 
 def test_a_missing_required_role_fails_signoffs(repo: tuple[Path, Path]) -> None:
-    _edit_policy(repo[1], readiness={"required_signoffs": ["model_owner", "risk_officer", "legal"]})
+    patch_policy(repo[1], MODEL, readiness={"required_signoffs": ["model_owner", "risk_officer", "legal"]})
     result = checks_ops.signoffs(_context(repo))
     assert result.status == "fail" and "legal" in result.detail
 
@@ -147,7 +124,7 @@ def test_a_model_file_that_does_not_match_its_card_fails_loading_and_skips_the_r
 
 
 def test_no_protected_groups_makes_fairness_not_applicable(repo: tuple[Path, Path]) -> None:
-    _edit_policy(repo[1], readiness={"fairness": {"groups": []}})
+    patch_policy(repo[1], MODEL, readiness={"fairness": {"groups": []}})
     assert checks_model.fairness(_context(repo)).status == "not_applicable"
 
 
@@ -175,7 +152,13 @@ def test_cpu_steal_is_the_share_of_the_steal_column() -> None:
 def test_maturity_reads_the_configuration_even_when_a_phase_fails_early(repo: tuple[Path, Path]) -> None:
     from gateway.readiness.checklist import run
 
-    _edit_policy(repo[1], readiness={"threshold": 0.99})  # fails the first phase: everything after is skipped
+    patch_policy(repo[1], MODEL, readiness={"threshold": 0.99})  # fails the first phase: everything after is skipped
     report = run(Target(MODEL, "2", repo[0], repo[1]))
     assert report.items[1].status == "fail" and report.items[-1].status == "skipped"
     assert report.maturity["level"] == 5
+
+
+@pytest.fixture
+def repo(readiness_repo: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The readiness copy of the repository (tests/conftest.py)."""
+    return readiness_repo

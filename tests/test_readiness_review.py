@@ -34,29 +34,7 @@ from gateway.readiness.data import GoldenLine
 from gateway.readiness.report import ItemResult, ReadinessReport
 from gateway.readiness.staging import StagingError
 from gateway.readiness.store import ReportRejected, ReportStore
-from tests.conftest import MODEL, MODELS, POLICIES, ROOT
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> tuple[Path, Path]:
-    """A writable copy of the bundled models (data included) and policies."""
-    models = tmp_path / "models"
-    shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
-    _edit_policy(policies, readiness={"alert_rules": str(ROOT / "docker" / "prometheus" / "alerts.yml")})
-    return models, policies
-
-
-def _edit_policy(policies: Path, **sections: Any) -> None:
-    path = policies / f"{MODEL}.yaml"
-    document = yaml.safe_load(path.read_text())
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(document.get(key), dict):
-            document[key] = {**document[key], **value}
-        else:
-            document[key] = value
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
+from tests.conftest import MODEL, ROOT, patch_policy
 
 
 def _context(repo: tuple[Path, Path], version: str = "2") -> Context:
@@ -188,7 +166,7 @@ def test_alert_rules_of_the_wrong_shape_do_not_crash_the_run(repo: tuple[Path, P
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     rules = tmp_path / "alerts.yml"
     rules.write_text("- alert: GatewayDown\n  expr: up == 0\n")  # a list, not {groups: [...]}
-    _edit_policy(repo[1], readiness={"alert_rules": str(rules)})
+    patch_policy(repo[1], MODEL, readiness={"alert_rules": str(rules)})
     monkeypatch.setattr(checklist, "phases", lambda ctx: [])  # only the code around the phases is under test
     report = checklist.run(Target(MODEL, "2", repo[0], repo[1]))
     assert report.maturity["level"] < 3  # no usable alert rules: not "monitored"
@@ -258,7 +236,7 @@ def test_measurements_that_do_not_change_the_verdict_do_not_change_the_address(
 
 def test_fallback_reasons_runs_for_a_policy_with_an_empty_readiness_section(
         repo: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    _edit_policy(repo[1], readiness=None)
+    patch_policy(repo[1], MODEL, readiness=None)
     ctx = _context(repo)
     assert ctx.policy.readiness is None  # valid: no gate, checklist defaults
     monkeypatch.setattr(checks_serving, "StagingGateway", _StagingThatWillNotStart)
@@ -317,7 +295,7 @@ def test_the_golden_detail_does_not_deny_a_regression_it_allowed(repo: tuple[Pat
 @pytest.mark.e2e
 def test_health_passes_when_the_policy_routes_to_the_candidate(repo: tuple[Path, Path],
                                                                routing: dict[str, Any]) -> None:
-    _edit_policy(repo[1], routing=routing)
+    patch_policy(repo[1], MODEL, routing=routing)
     ctx = _context(repo)
     try:
         result = checks_serving.health(ctx)
@@ -425,7 +403,7 @@ def test_a_binned_protected_column_with_a_missing_marker_is_reported_or_counted_
     for i in range(1, len(lines)):
         lines[i] += "," + ("NA" if i == 4 else lines[i].split(",")[age])
     path.write_text("\n".join(lines) + "\n")
-    _edit_policy(repo[1], readiness={"fairness": {"groups": [{"column": "applicant_age", "bins": [30, 60]}],
+    patch_policy(repo[1], MODEL, readiness={"fairness": {"groups": [{"column": "applicant_age", "bins": [30, 60]}],
                                                   "decision_threshold": 0.2, "favourable": "negative"}})
     try:
         result = checks_model.fairness(_context(repo))
@@ -472,3 +450,9 @@ def test_a_production_policy_that_differs_fails_the_environment_item(repo: tuple
     result = checks_ops.environment(ctx)
     assert result.evidence["production_policy_sha256"] != result.evidence["this_policy_sha256"]
     assert result.status == "fail", result.detail
+
+
+@pytest.fixture
+def repo(readiness_repo: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The readiness copy of the repository (tests/conftest.py)."""
+    return readiness_repo
