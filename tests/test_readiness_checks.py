@@ -162,3 +162,15 @@ def test_maturity_reads_the_configuration_even_when_a_phase_fails_early(repo: tu
 def repo(readiness_repo: tuple[Path, Path]) -> tuple[Path, Path]:
     """The readiness copy of the repository (tests/conftest.py)."""
     return readiness_repo
+
+
+def test_the_latency_figure_shows_buckets_side_by_side_up_to_the_slo_or_the_slowest_answer() -> None:
+    from gateway.readiness.checks_serving import latency_figure
+
+    figure = latency_figure([0.5, 2.5, 2.6, 4.0, 12.0], "t", "v2", p99_limit_ms=50)
+    assert figure["kind"] == "bars" and figure["categories"][0] == "0-1 ms"
+    assert figure["categories"][-1] == "30-50 ms"  # the SLO's bucket is shown even with nothing in it
+    assert sum(figure["series"][0]["values"]) == pytest.approx(1.0)
+    slow = latency_figure([2000.0], "t", "v2", p99_limit_ms=50)
+    assert slow["categories"][-1] == ">=1000 ms" and slow["series"][0]["values"][-1] == 1.0
+    assert latency_figure([], "t", "v2", 50)["series"][0]["values"] == [0.0] * 10
