@@ -25,14 +25,20 @@ $(VENV)/.dev: $(VENV)/.runtime
 run: $(VENV)/.runtime
 	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --models models --policies policies
 
-# promtool (Debian's prometheus package) checks and unit-tests the alert rules; installed when
-# this machine allows it (root + apt-get), else those tests are skipped with a note.
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules, and nginx checks
+# docker/nginx/nginx.conf (`nginx -t`; RUNLEVEL=1 keeps the package from starting a server);
+# installed when this machine allows it (root + apt-get), else those tests are skipped with a note.
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
 	      || echo "note: could not install promtool; alert-rule tests will be skipped"; \
 	  else echo "note: promtool not installed (apt-get install prometheus); alert-rule tests will be skipped"; fi; }
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light) >/dev/null 2>&1 \
+	      || echo "note: could not install nginx; the nginx -t test will be skipped"; \
+	  else echo "note: nginx not installed (apt-get install nginx-light); the nginx -t test will be skipped"; fi; }
 
 test: $(VENV)/.dev tools
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ fields are errors).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -111,3 +112,81 @@ def test_the_image_user_is_the_one_the_deployment_runs_as() -> None:
     context = deployment["spec"]["template"]["spec"]["securityContext"]
     user = next(args for op, args in _instructions() if op == "USER")
     assert user == f"{context['runAsUser']}:{context['runAsGroup']}" and context["runAsNonRoot"] is True
+
+
+# --- docker/compose.yaml and the files it mounts ------------------------------------------------
+
+COMPOSE = ROOT / "docker" / "compose.yaml"
+
+
+def _compose() -> dict:  # type: ignore[type-arg]
+    document: dict = yaml.safe_load(COMPOSE.read_text())  # type: ignore[type-arg]
+    return document
+
+
+def test_the_compose_file_is_valid_against_the_compose_specification() -> None:
+    checker = shutil.which("check-jsonschema") or str(Path(sys.executable).parent / "check-jsonschema")
+    result = subprocess.run([checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_stack_has_two_replicas_a_proxy_redis_prometheus_grafana_and_a_collector() -> None:
+    services = _compose()["services"]
+    assert set(services) == {"gateway-1", "gateway-2", "proxy", "redis", "prometheus", "grafana", "otel-collector"}
+    for name in ("gateway-1", "gateway-2"):
+        assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+        env = services[name]["environment"]
+        assert [k for k in env if k.startswith("GATEWAY_") and k[8:].lower() not in Settings.model_fields] == []
+
+
+def test_every_bind_mount_names_a_file_that_exists() -> None:
+    for name, service in _compose()["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE.parent / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_prometheus_and_nginx_reach_exactly_the_gateway_replicas() -> None:
+    replicas = {f"{name}:8080" for name in _compose()["services"] if name.startswith("gateway-")}
+    prometheus = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "gateway")
+    assert set(job["static_configs"][0]["targets"]) == replicas
+    nginx = (ROOT / "docker" / "nginx" / "nginx.conf").read_text()
+    assert set(re.findall(r"^\s*server\s+(\S+?:\d+)", nginx, re.MULTILINE)) == replicas
+    assert nginx.count("{") == nginx.count("}")
+
+
+def test_nginx_accepts_its_configuration_when_nginx_is_here(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        if os.environ.get("GATEWAY_REQUIRE_NGINX") == "1":
+            pytest.fail("nginx is required (GATEWAY_REQUIRE_NGINX=1): `make test` installs Debian's nginx-light")
+        pytest.skip("nginx is not installed (`make test` installs it when it can); the structure test above ran")
+    config = (ROOT / "docker" / "nginx" / "nginx.conf").read_text()
+    config = re.sub(r"server (gateway-\d+):8080", "server 127.0.0.1:8080", config)  # no compose DNS here
+    (tmp_path / "nginx.conf").write_text("pid " + str(tmp_path / "nginx.pid") + ";\nerror_log stderr;\n" + config)
+    result = subprocess.run([nginx, "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_collector_receives_where_the_replicas_send_and_every_pipeline_part_exists() -> None:
+    collector = yaml.safe_load((ROOT / "docker" / "otel" / "collector.yaml").read_text())
+    endpoint = _compose()["services"]["gateway-1"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    port = endpoint.rsplit(":", 1)[1]
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(f":{port}")
+    for pipeline in collector["service"]["pipelines"].values():
+        for kind in ("receivers", "processors", "exporters"):
+            assert set(pipeline.get(kind, [])) <= set(collector.get(kind, {})), (kind, pipeline)
+
+
+def test_grafana_provisions_the_prometheus_datasource_and_the_dashboard() -> None:
+    provisioning = ROOT / "docker" / "grafana" / "provisioning"
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards" / "gateway.yaml").read_text())["providers"][0]
+    mounts = _compose()["services"]["grafana"]["volumes"]
+    dashboard_mount = next(v for v in mounts if v.startswith("./grafana/dashboard.json:"))
+    assert dashboard_mount.split(":")[1].startswith(provider["options"]["path"] + "/")
