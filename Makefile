@@ -25,8 +25,9 @@ $(VENV)/.dev: $(VENV)/.runtime
 run: $(VENV)/.runtime
 	$(BIN)/gateway serve --host $(HOST) --port $(PORT) --models models --policies policies
 
-# promtool (Debian's prometheus package) checks and unit-tests the alert rules, and nginx checks
-# docker/nginx/nginx.conf (`nginx -t`; RUNLEVEL=1 keeps the package from starting a server);
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules, nginx checks
+# docker/nginx/nginx.conf (`nginx -t`), and the shared-state tests start their own redis-server
+# (RUNLEVEL=1 keeps the packages from starting servers of their own);
 # installed when this machine allows it (root + apt-get), else those tests are skipped with a note.
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
@@ -39,6 +40,11 @@ tools:
 	    (apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light) >/dev/null 2>&1 \
 	      || echo "note: could not install nginx; the nginx -t test will be skipped"; \
 	  else echo "note: nginx not installed (apt-get install nginx-light); the nginx -t test will be skipped"; fi; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server) >/dev/null 2>&1 \
+	      || echo "note: could not install redis-server; the shared-state tests will be skipped"; \
+	  else echo "note: redis-server not installed (apt-get install redis-server); shared-state tests will be skipped"; fi; }
 
 test: $(VENV)/.dev tools
 	$(BIN)/ruff check .

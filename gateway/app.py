@@ -37,7 +37,8 @@ from gateway.rollout import RolloutController
 from gateway.runtime import INLINE, RuntimeOptions
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
-from gateway.state import StateStore
+from gateway.state import ControlStateStore, StateStore
+from gateway.state_redis import RedisStateStore, StateWatcher
 from gateway.stats import TrafficStats
 from gateway.telemetry import BREAKER_CODES, Metrics
 from gateway.tracing import make_tracer, never_sampled
@@ -78,7 +79,9 @@ class Gateway:
             on_report=lambda actor, summary: self.control.record(actor, str(summary["model"]), "readiness_report",
                                                                  None, summary))
         """Checklist runs started through the admin API (one at a time, in a child process)."""
-        self.control = ReleaseControl(lambda: self.snapshot, self.publish, StateStore(settings.state_dir),
+        self.state_store = _state_store(settings)
+        self.state_watcher: StateWatcher | None = None
+        self.control = ReleaseControl(lambda: self.snapshot, self.publish, self.state_store,
                                       self.repository, self._serve_version, settings.state_dir / "events.jsonl",
                                       on_change=lambda model, action: self.metrics.alias_changes.labels(
                                           model, action).inc(), reports=self.reports)
@@ -112,6 +115,10 @@ class Gateway:
             self.breakers, self.settings.allow_fault_injection)
         self.publish(self.control.reconcile(snapshot))  # on the loop: it may hand decisions to the audit log
         self.rollouts.resume_all()
+        if isinstance(self.state_store, RedisStateStore):  # other replicas' changes, applied here
+            self.state_watcher = StateWatcher(self.state_store, lambda: list(self.snapshot.models),
+                                              self.control.apply_shared)
+            self.state_watcher.start()
         self.monitor.start()
         # Everything loaded so far (modules, sessions, policies) lives as long as the process: move
         # it out of the collector's sight, so a full collection under load scans only what requests
@@ -160,6 +167,10 @@ class Gateway:
     async def stop(self) -> None:
         """Stop rollouts and shadows, then the worker threads (after in-flight runs finish)."""
         await self.rollouts.close()
+        if self.state_watcher is not None:
+            await self.state_watcher.close()
+        if isinstance(self.state_store, RedisStateStore):
+            self.state_store.close()
         await self.readiness_runs.close()
         await self.shadow.close()
         await self.monitor.close()
@@ -172,6 +183,13 @@ class Gateway:
         self.executor.shutdown(wait=True, cancel_futures=True)
         INLINE.close()  # the watchdog thread; a later inline run (another app in this process) restarts it
         self.audit.close_now()
+
+
+def _state_store(settings: Settings) -> ControlStateStore:
+    """The control-state store the settings choose."""
+    if settings.state_store == "redis":
+        return RedisStateStore(settings.redis_url, settings.redis_prefix)
+    return StateStore(settings.state_dir)
 
 
 class GatewayApp(FastAPI):

@@ -28,7 +28,7 @@ from gateway.errors import ClientError, GatewayError, ModelNotFound
 from gateway.readiness.store import ReportStore
 from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.repository import ModelRepository, ModelVersion, version_key
-from gateway.state import Aliases, ModelState, RolloutState, StateStore, routing_hash
+from gateway.state import Aliases, ControlStateStore, ModelState, RolloutState, routing_hash
 
 log = logging.getLogger("gateway.control")
 
@@ -91,7 +91,7 @@ class Change:
 class ReleaseControl:
     """Owns every change to what is served and where traffic goes."""
 
-    def __init__(self, get: Callable[[], Snapshot], publish: Callable[[Snapshot], None], store: StateStore,
+    def __init__(self, get: Callable[[], Snapshot], publish: Callable[[Snapshot], None], store: ControlStateStore,
                  repository: ModelRepository, serve: ServeVersion,
                  events_file: Path | None, clock: Callable[[], float] = time.time,
                  on_change: Callable[[str, str], None] | None = None, reports: ReportStore | None = None) -> None:
@@ -108,6 +108,8 @@ class ReleaseControl:
         self.lock = asyncio.Lock()
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.rollouts: dict[str, RolloutState | None] = {}
+        self._seen_at: dict[str, float] = {}
+        """Per model, the `updated_at` of the stored state this replica last wrote or adopted."""
         self._stable_files: dict[tuple[str, str], str] = {}
         """(model, version) -> sha256 of the file that served as stable: a switch back to the previous
         stable is a rollback only while it is the same file."""
@@ -137,6 +139,8 @@ class ReleaseControl:
         for name, model in snapshot.models.items():
             declared = _routing_of(model)
             stored = self.store.load(name)
+            if stored is not None:
+                self._seen_at[name] = stored.updated_at
             if stored is not None and stored.routing_hash == declared:
                 models[name] = model.with_aliases(stored.aliases, "state")
                 self.rollouts[name] = stored.rollout
@@ -150,6 +154,33 @@ class ReleaseControl:
             except OSError as exc:
                 log.error("cannot write the state of %s: %s (changes will be refused)", name, exc)
         return replace(snapshot, models=models)
+
+    async def apply_shared(self, model: str) -> None:
+        """Adopt another replica's change to `model` from a shared store (nothing if it is the state this
+        replica last wrote or adopted). Replicas whose policies route differently keep their own."""
+        stored = await asyncio.to_thread(self.store.load, model)
+        if stored is None:
+            return
+        async with self.lock:
+            current = self._get().models.get(model)
+            if current is None or stored.updated_at == self._seen_at.get(model):
+                return
+            self._seen_at[model] = stored.updated_at
+            if stored.routing_hash != _routing_of(current):
+                log.warning("shared state of %s was written under another policy routing; keeping this "
+                            "replica's policy", model)
+                return
+            if stored.aliases == current.aliases and stored.rollout == self.rollouts.get(model):
+                return
+            snapshot = self._get()
+            self._publish(replace(snapshot, models={**snapshot.models,
+                                                    model: current.with_aliases(stored.aliases, "state")}))
+            self.rollouts[model] = stored.rollout
+            self._note_stable(current, stored.aliases)
+            if self._on_change is not None:
+                self._on_change(model, "synced")
+            self.record("state-store", model, "synced", asdict(current.aliases), asdict(stored.aliases),
+                        reason="another replica's change, from the shared state store")
 
     # --- alias changes -----------------------------------------------------------------------
 
@@ -358,9 +389,12 @@ class ReleaseControl:
             state_rollout = replace(state_rollout, status=status, reason=why)
         state = ModelState(aliases, _routing_of(current), state_rollout, self._clock())
         try:
-            # On the loop, not in a thread: the write is ~1 ms (fsync included) and admin changes are
-            # rare, while a thread hop under load would wait behind every queued request callback.
-            self.store.save(name, state)
+            if self.store.shared:  # a network store may hang up to its timeout: never on the loop
+                await asyncio.to_thread(self.store.save, name, state)
+            else:
+                # On the loop, not in a thread: the write is ~1 ms (fsync included) and admin changes are
+                # rare, while a thread hop under load would wait behind every queued request callback.
+                self.store.save(name, state)
         except OSError as exc:
             raise StoreFailed(f"cannot store the change ({exc}); nothing was changed") from None
         stored_ms = (time.perf_counter() - started) * 1000
@@ -369,6 +403,7 @@ class ReleaseControl:
         self._publish(replace(snapshot, models={**snapshot.models, name: current.with_aliases(aliases, "state")}))
         swap_us = (time.perf_counter() - swap_started) * 1e6
         self.rollouts[name] = state_rollout
+        self._seen_at[name] = state.updated_at
         self._note_stable(current, aliases)
         took = (time.perf_counter() - started) * 1000
         before, after = asdict(current.aliases), asdict(aliases)

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     """Apply policies' `faults` sections (rehearsals in staging and tests); refused when false."""
     state_dir: Path = Path("state")
     """Control state (effective aliases, rollouts) and the control event log; atomic writes."""
+    state_store: Literal["file", "redis"] = "file"
+    """Where the alias table and rollout progress live: `file` (this replica's own, in state_dir) or
+    `redis` (shared by every replica with the same redis_url and redis_prefix; changes apply on the
+    others within a second)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """The Redis server of `state_store: redis`."""
+    redis_prefix: str = Field(default="gateway", pattern=r"^[A-Za-z0-9_.:-]+$")
+    """Key prefix in Redis, so several deployments can share one server."""
     readiness_dir: Path | None = None
     """Readiness reports uploaded for the promotion gate (`<dir>/<model>/<sha256>.json`); default
     `<state_dir>/readiness`."""

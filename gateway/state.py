@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("gateway.state")
 
@@ -88,8 +88,55 @@ def routing_hash(routing: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(routing, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def encode_state(state: ModelState) -> bytes:
+    """A model's state as canonical JSON (what every store keeps)."""
+    payload = {
+        "aliases": asdict(state.aliases),
+        "routing_hash": state.routing_hash,
+        "rollout": {**asdict(state.rollout), "steps": list(state.rollout.steps),
+                    "history": list(state.rollout.history)} if state.rollout else None,
+        "updated_at": state.updated_at,
+    }
+    return json.dumps(payload, indent=2, sort_keys=True).encode()
+
+
+def decode_state(data: bytes | str) -> ModelState:
+    """The inverse of `encode_state`; ValueError, KeyError or TypeError for anything else."""
+    payload = json.loads(data)
+    if not isinstance(payload, dict):
+        raise ValueError("the state is not a JSON object")
+    rollout = payload.get("rollout")
+    return ModelState(
+        aliases=Aliases(**payload["aliases"]),
+        routing_hash=str(payload["routing_hash"]),
+        rollout=RolloutState(**{**rollout, "steps": tuple(rollout["steps"]),
+                                "history": tuple(rollout.get("history", ()))}) if rollout else None,
+        updated_at=float(payload.get("updated_at", 0.0)),
+    )
+
+
+class ControlStateStore(Protocol):
+    """Where each model's control state lives (a file per model by default; Redis for replicas)."""
+
+    kind: str
+    shared: bool
+
+    def load(self, model: str) -> ModelState | None:
+        """The stored state, or None (none, or unreadable: logged)."""
+
+    def save(self, model: str, state: ModelState) -> None:
+        """Store durably; OSError when it cannot (the change is then refused)."""
+
+    def status(self) -> dict[str, Any]:
+        """For /status."""
+
+
 class StateStore:
-    """Reads and atomically writes `<dir>/<model>.state.json`."""
+    """Reads and atomically writes `<dir>/<model>.state.json` (the default: one replica's own state)."""
+
+    kind = "file"
+    shared = False
+    """Whether other replicas see what this store saves (then they watch it for changes)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -104,31 +151,18 @@ class StateStore:
         if not path.exists():
             return None
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict):
-                raise ValueError("the state file is not a JSON object")
-            rollout = data.get("rollout")
-            return ModelState(
-                aliases=Aliases(**data["aliases"]),
-                routing_hash=str(data["routing_hash"]),
-                rollout=RolloutState(**{**rollout, "steps": tuple(rollout["steps"]),
-                                        "history": tuple(rollout.get("history", ()))}) if rollout else None,
-                updated_at=float(data.get("updated_at", 0.0)),
-            )
+            return decode_state(path.read_bytes())
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("state file %s is unreadable (%s); starting from the policy's routing", path, exc)
             return None
 
     def save(self, model: str, state: ModelState) -> None:
         """Write atomically and durably (temp file, fsync, rename, fsync of the directory)."""
-        payload = {
-            "aliases": asdict(state.aliases),
-            "routing_hash": state.routing_hash,
-            "rollout": {**asdict(state.rollout), "steps": list(state.rollout.steps),
-                        "history": list(state.rollout.history)} if state.rollout else None,
-            "updated_at": state.updated_at,
-        }
-        write_atomically(self.path(model), json.dumps(payload, indent=2, sort_keys=True).encode())
+        write_atomically(self.path(model), encode_state(state))
+
+    def status(self) -> dict[str, Any]:
+        """For /status: where state lives and whether it can be reached."""
+        return {"kind": self.kind, "ok": True, "location": str(self.directory)}
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -137,11 +137,13 @@ async def status(request: Request) -> Response:
         item["answers"] = {"total": answered, "fallbacks": by_reason,
                            "fallback_rate": round(sum(by_reason.values()) / answered, 6) if answered else 0.0}
         models.append(item)
-    degraded = bool(snapshot.policy_problems) or any(m["degraded"] for m in models)
+    store = gateway.control.store.status()
+    degraded = bool(snapshot.policy_problems) or any(m["degraded"] for m in models) or not store["ok"]
     return json_response({
         "server": {"name": SERVER_NAME, "version": gateway.version, "ready": snapshot.ready,
                    "degraded": degraded, "in_flight": pipeline.in_flight,
                    "fault_injection_allowed": gateway.settings.allow_fault_injection,
+                   "state_store": store,
                    "environment": environment()},
         "models": models,
         "policy_problems": snapshot.policy_problems,

@@ -1,0 +1,168 @@
+"""Control state shared by several replicas, in Redis: the alias table and rollout progress.
+
+`RedisStateStore` keeps each model's state (the same JSON as the file store) under
+`<prefix>:state:<model>` and announces every save on the channel `<prefix>:changes`, in one
+transaction. `StateWatcher` runs on every replica: it listens on the channel and applies a change
+within a loop turn, and re-reads every model once a second as a safety net (a message missed while
+Redis or the connection was down). When Redis cannot be reached, saves raise (so an admin change
+is refused, never half-applied), the replica keeps serving the state it last knew, and `/status`
+reports the store degraded until Redis answers again, when the periodic re-read reconciles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from gateway.state import ModelState, decode_state, encode_state
+
+log = logging.getLogger("gateway.state_redis")
+
+#: how long a Redis call may take before the store counts as unreachable
+TIMEOUT_S = 0.5
+#: the safety-net re-read of every model's state
+RESYNC_EVERY_S = 1.0
+
+
+class RedisStateStore:
+    """Model state in Redis, shared by every replica pointing at the same URL and prefix."""
+
+    kind = "redis"
+    shared = True
+
+    def __init__(self, url: str, prefix: str = "gateway") -> None:
+        self.url = url
+        self.prefix = prefix
+        self.channel = f"{prefix}:changes"
+        self._client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        self.ok = True
+        self.error = ""
+        self.since = time.time()
+
+    def key(self, model: str) -> str:
+        """The Redis key of one model's state."""
+        return f"{self.prefix}:state:{model}"
+
+    def load(self, model: str) -> ModelState | None:
+        """The shared state (None when there is none, or Redis cannot be reached: logged, degraded)."""
+        try:
+            data = self._client.get(self.key(model))
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+        self._reached()
+        if data is None:
+            return None
+        try:
+            return decode_state(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("shared state of %s is unreadable (%s); starting from the policy's routing", model, exc)
+            return None
+
+    def save(self, model: str, state: ModelState) -> None:
+        """Store and announce a change in one transaction; OSError when Redis cannot take it."""
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key(model), encode_state(state))
+                pipe.publish(self.channel, model)
+                pipe.execute()
+        except redis.RedisError as exc:
+            self._failed(exc)
+            raise OSError(f"the shared state store (Redis at {self._where()}) cannot be reached: {exc}") from None
+        self._reached()
+
+    def status(self) -> dict[str, Any]:
+        """For /status: where state lives and whether it can be reached (and since when not)."""
+        return {"kind": self.kind, "ok": self.ok, "location": self._where(), "error": self.error or None,
+                "since": self.since}
+
+    def watcher_client(self) -> aioredis.Redis:
+        """An asyncio client for the watcher's subscription."""
+        return aioredis.Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=TIMEOUT_S)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def _where(self) -> str:
+        kwargs = self._client.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    def _failed(self, exc: Exception) -> None:
+        if self.ok:
+            log.error("shared state store unreachable (%s): serving the last known state", exc)
+            self.since = time.time()
+        self.ok, self.error = False, str(exc)
+
+    def _reached(self) -> None:
+        if not self.ok:
+            log.warning("shared state store reachable again (down %.1f s)", time.time() - self.since)
+            self.since = time.time()
+        self.ok, self.error = True, ""
+
+
+class StateWatcher:
+    """Applies other replicas' changes: on each announcement at once, and every model once a second."""
+
+    def __init__(self, store: RedisStateStore, models: Callable[[], list[str]],
+                 apply: Callable[[str], Awaitable[None]]) -> None:
+        self._store = store
+        self._models = models
+        self._apply = apply
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start watching (on the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop watching."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            client = self._store.watcher_client()
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self._store.channel)
+                    await self._resync()  # whatever changed while not subscribed
+                    next_resync = loop.time() + RESYNC_EVERY_S
+                    while True:
+                        wait = max(0.0, next_resync - loop.time())
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                        if message is not None and message.get("type") == "message":
+                            await self._apply_safely(_text(message.get("data")))
+                        if loop.time() >= next_resync:
+                            await self._resync()
+                            next_resync = loop.time() + RESYNC_EVERY_S
+            except (redis.RedisError, OSError) as exc:
+                self._store._failed(exc)
+                await asyncio.sleep(RESYNC_EVERY_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    async def _resync(self) -> None:
+        for model in self._models():
+            await self._apply_safely(model)
+
+    async def _apply_safely(self, model: str) -> None:
+        try:
+            await self._apply(model)
+        except Exception:  # one model's bad state must not stop the watcher for the others
+            log.exception("cannot apply the shared state of %s", model)
+
+
+def _text(data: Any) -> str:
+    return data.decode() if isinstance(data, bytes) else str(data)

@@ -1,0 +1,158 @@
+"""Several replicas sharing control state through a real Redis server (Debian's redis-server).
+
+Two `gateway serve` processes on loopback with GATEWAY_STATE_STORE=redis: a switch on one is
+served by the other within a second; with Redis stopped, both keep answering inference requests,
+an admin change is refused (not half-applied) and /status says degraded; when Redis is back the
+replicas reconcile and changes flow again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.state import Aliases, ModelState
+from gateway.state_redis import RedisStateStore
+from tests.conftest import MODEL, RunningServer, good_row
+
+TOKEN = "r" * 32
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """`redis-server` on a free loopback port, no persistence; can be stopped and started again."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("GATEWAY_REQUIRE_REDIS") == "1":
+                pytest.fail("redis-server is required (GATEWAY_REQUIRE_REDIS=1): `make test` installs it")
+            pytest.skip("redis-server is not installed (`make test` installs Debian's redis-server when it can)")
+        self.binary = binary
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="gateway-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def test_the_store_saves_announces_and_reads_back(redis_server: RedisServer) -> None:
+    store = RedisStateStore(redis_server.url, "t")
+    state = ModelState(Aliases(stable="2", previous_stable="1"), "abc", None, 123.0)
+    store.save(MODEL, state)
+    assert store.load(MODEL) == state and store.load("other") is None
+    assert store.status()["ok"] is True
+    redis_server.stop()
+    with pytest.raises(OSError, match="cannot be reached"):
+        store.save(MODEL, state)
+    assert store.load(MODEL) is None and store.status()["ok"] is False
+    redis_server.start()
+    assert store.load(MODEL) is None  # this test's server keeps nothing across restarts
+    assert store.status()["ok"] is True
+    store.close()
+
+
+@pytest.fixture
+def replicas(ungated_repo: tuple[Path, Path], redis_server: RedisServer,
+             tmp_path: Path) -> Iterator[tuple[RunningServer, RunningServer]]:
+    env = {"GATEWAY_STATE_STORE": "redis", "GATEWAY_REDIS_URL": redis_server.url,
+           "GATEWAY_ADMIN_TOKENS": f'[{{"name": "ops", "role": "admin", "token": "{TOKEN}"}}]'}
+    started = [RunningServer(*ungated_repo, env=env, state=tmp_path / f"state-{i}") for i in (1, 2)]
+    try:
+        for server in started:
+            server.wait_live()
+        yield started[0], started[1]
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _version(server: RunningServer) -> str:
+    answer = httpx.post(f"{server.url}/v1/models/{MODEL}:predict", json={"instances": [good_row()]}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.headers["x-model-version"]
+
+
+def _within(seconds: float, condition: Callable[[], bool]) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"not within {seconds} s")
+
+
+@pytest.mark.e2e
+def test_a_switch_on_one_replica_is_served_by_the_other_within_a_second(
+        replicas: tuple[RunningServer, RunningServer]) -> None:
+    first, second = replicas
+    assert _version(first) == _version(second) == "1"
+    switched = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
+    assert switched.status_code == 200, switched.text
+    _within(1.0, lambda: _version(second) == "2")
+    httpx.post(f"{second.url}/admin/models/{MODEL}/rollback", json={"reason": "back"}, headers=ADMIN)
+    _within(1.0, lambda: _version(first) == "1")
+    events = httpx.get(f"{second.url}/admin/events", headers=ADMIN).json()["events"]
+    assert any(e["action"] == "synced" and e["after"]["stable"] == "2" for e in events)
+
+
+@pytest.mark.e2e
+def test_without_redis_replicas_keep_serving_refuse_changes_and_reconcile_when_it_returns(
+        replicas: tuple[RunningServer, RunningServer], redis_server: RedisServer) -> None:
+    first, second = replicas
+    redis_server.stop()
+    answers = [_version(server) for _ in range(50) for server in (first, second)]
+    assert set(answers) == {"1"}  # every request answered, on the last known state
+    refused = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
+    assert refused.status_code == 503 and "cannot be reached" in refused.json()["error"]
+    assert _version(first) == "1"  # not half-applied
+    _within(3.0, lambda: httpx.get(f"{second.url}/status").json()["server"]["state_store"]["ok"] is False)
+    assert httpx.get(f"{second.url}/status").json()["server"]["degraded"] is True
+    redis_server.start()
+    for server in (first, second):
+        _within(5.0, lambda server=server: httpx.get(f"{server.url}/status").json()["server"]["state_store"]["ok"])
+    switched = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
+    assert switched.status_code == 200, switched.text
+    _within(1.5, lambda: _version(second) == "2")
