@@ -87,6 +87,7 @@ class Gateway:
                                           model, action).inc(), reports=self.reports)
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
                                           drift_state=self.monitor.drift_state)
+        self.control.on_adopted = self.rollouts.adopted
         self.tokens = TokenBook(settings.admin_tokens)
         self.audit: AuditWriter = AuditWriter(settings.audit_dir, settings.audit_queue, settings.audit_fsync,
                                  settings.audit_fsync_interval_s, settings.audit_max_file_bytes,

@@ -113,6 +113,8 @@ class ReleaseControl:
         self._stable_files: dict[tuple[str, str], str] = {}
         """(model, version) -> sha256 of the file that served as stable: a switch back to the previous
         stable is a rollback only while it is the same file."""
+        self.on_adopted: Callable[[str], None] | None = None
+        """Told the model whose state another replica changed (the rollout controller follows it)."""
         self.on_record: Callable[[dict[str, Any]], None] | None = None
         """Also hands every decision to the audit log."""
 
@@ -172,6 +174,11 @@ class ReleaseControl:
                 return
             if stored.aliases == current.aliases and stored.rollout == self.rollouts.get(model):
                 return
+            if stored.aliases == current.aliases:  # rollout progress only: no new snapshot to publish
+                self.rollouts[model] = stored.rollout
+                if self.on_adopted is not None:
+                    self.on_adopted(model)
+                return
             snapshot = self._get()
             self._publish(replace(snapshot, models={**snapshot.models,
                                                     model: current.with_aliases(stored.aliases, "state")}))
@@ -181,6 +188,8 @@ class ReleaseControl:
                 self._on_change(model, "synced")
             self.record("state-store", model, "synced", asdict(current.aliases), asdict(stored.aliases),
                         reason="another replica's change, from the shared state store")
+            if self.on_adopted is not None:
+                self.on_adopted(model)
 
     # --- alias changes -----------------------------------------------------------------------
 

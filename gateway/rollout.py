@@ -11,6 +11,12 @@ Under an enforced readiness gate a rollout starts only with a passing report (or
 admin), and the gate is checked again before promotion unless the rollout was forced: the policy
 may have changed meanwhile. A closed gate then pauses the rollout (the canary keeps its share)
 until a report is uploaded and the rollout resumed, or it is aborted or rolled back.
+
+With several replicas sharing control state, every replica that knows of a running rollout runs its
+task, but only the holder of the rollout's lease in the state store judges and steps it (renewed at
+every check, `LEASE_TTL_S` long); the others stand by. When the driver dies, its lease runs out and
+a standby takes over at the persisted step (whose interval starts again, as after a restart). A
+driver that cannot renew its lease (the store is unreachable) stops judging until it can.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -32,6 +41,8 @@ from gateway.telemetry import Metrics
 log = logging.getLogger("gateway.rollout")
 
 SYSTEM = "rollout-controller"
+#: how long a rollout driver's lease lasts without renewal (a dead driver is replaced after this)
+LEASE_TTL_S = 5.0
 
 
 def breaches(plan: Rollout, canary: Interval, stable: Interval) -> list[str]:
@@ -71,6 +82,9 @@ class RolloutController:
         self._sleep = sleep
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._resume_events: dict[str, asyncio.Event] = {}
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        """This replica's name on rollout leases."""
+        self._driving: set[str] = set()
 
     async def start(self, model: str, version: str, actor: str, force: bool = False) -> RolloutState:
         """Begin a rollout of `version` as canary at the plan's first step (GateClosed under an enforced
@@ -84,6 +98,7 @@ class RolloutController:
             if version == served.aliases.stable:
                 raise Conflict(f"version {version!r} is stable; a canary must be another version")
             gate = await self._control.check_gate_locked(served, version, actor, force, "rollout")
+            await self._hold(model)  # the replica that starts a rollout drives it (before others hear of it)
             plan = self._plan_of(model)
             now = self._clock()
             state = RolloutState(version=version, steps=tuple(plan.steps), step=0, status="running",
@@ -122,7 +137,7 @@ class RolloutController:
                 "percent": state.steps[min(state.step, len(state.steps) - 1)], "status": state.status,
                 "reason": state.reason, "started_at": state.started_at, "step_started_at": state.step_started_at,
                 "actor": state.actor, "forced": state.forced, "report_sha256": state.report_sha256 or None,
-                "history": list(state.history)}
+                "driven_here": self.driving(model), "history": list(state.history)}
 
     def resume_all(self) -> None:
         """After a restart: continue every rollout that was running (paused ones wait for resume)."""
@@ -132,13 +147,44 @@ class RolloutController:
                          state.step, state.status)
                 self._launch(model)
 
+    def adopted(self, model: str) -> None:
+        """Another replica changed the model's state: follow its rollout (stand by, or take over)."""
+        state = self._control.rollouts.get(model)
+        if state is None or not state.active:
+            return
+        task = self._tasks.get(model)
+        if task is None or task.done():
+            self._launch(model)
+        else:
+            self._wake(model)
+
+    def driving(self, model: str) -> bool:
+        """Whether this replica holds the model's rollout lease."""
+        return model in self._driving
+
     async def close(self) -> None:
-        """Stop the tasks (state stays persisted; a restart resumes)."""
+        """Stop the tasks (state stays persisted; a restart resumes) and hand leases over."""
+        tasks = list(self._tasks.values())
         for model in list(self._tasks):
             self._stop(model)
-        for task in list(self._tasks.values()):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for model in list(self._driving):
+            await self._store_call(self._control.store.release, f"rollout:{model}", self.owner)
+        self._driving.clear()
+
+    async def _hold(self, model: str) -> bool:
+        """Take or renew the rollout's lease (always held with a replica's own file store)."""
+        held = bool(await self._store_call(self._control.store.lease, f"rollout:{model}", self.owner, LEASE_TTL_S))
+        if held and model not in self._driving:
+            log.info("driving the rollout of %s (lease %s)", model, self.owner)
+        (self._driving.add if held else self._driving.discard)(model)
+        return held
+
+    async def _store_call(self, call: Callable[..., Any], *args: Any) -> Any:
+        # a shared store is a network call that may wait up to its timeout: never on the loop
+        return await asyncio.to_thread(call, *args) if self._control.store.shared else call(*args)
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -158,6 +204,12 @@ class RolloutController:
             event.set()
 
     async def _run(self, model: str) -> None:
+        await self._drive(model)
+        if model in self._driving:  # the rollout ended here: let the lease go at once
+            self._driving.discard(model)
+            await self._store_call(self._control.store.release, f"rollout:{model}", self.owner)
+
+    async def _drive(self, model: str) -> None:
         try:
             while True:
                 state = self._control.rollouts.get(model)
@@ -167,6 +219,9 @@ class RolloutController:
                     event = self._resume_events.setdefault(model, asyncio.Event())
                     event.clear()
                     await event.wait()
+                    continue
+                if not await self._hold(model):  # another replica drives it: stand by
+                    await self._sleep(LEASE_TTL_S / 5)
                     continue
                 if not await self._step(model, state):
                     return
@@ -189,8 +244,10 @@ class RolloutController:
         while True:
             await self._sleep(check_every)
             current = self._control.rollouts.get(model)
-            if current is None or current.status != "running":
+            if current is None or current.status != "running" or current.step != state.step:
                 return current is not None and current.active
+            if not await self._hold(model):
+                return True  # the lease is gone (the store is away, or another replica took over)
             canary = between(base_canary, self._stats.snapshot(model, state.version))
             baseline = between(base_stable, self._stats.snapshot(model, stable))
             found = breaches(plan, canary, baseline)

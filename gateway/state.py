@@ -130,6 +130,12 @@ class ControlStateStore(Protocol):
     def status(self) -> dict[str, Any]:
         """For /status."""
 
+    def lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take or renew the lease `name` for `owner` (e.g. who drives a rollout); False if another holds it."""
+
+    def release(self, name: str, owner: str) -> None:
+        """Give the lease up if `owner` holds it."""
+
 
 class StateStore:
     """Reads and atomically writes `<dir>/<model>.state.json` (the default: one replica's own state)."""
@@ -163,6 +169,13 @@ class StateStore:
     def status(self) -> dict[str, Any]:
         """For /status: where state lives and whether it can be reached."""
         return {"kind": self.kind, "ok": True, "location": str(self.directory)}
+
+    def lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """One replica owns its file store: every lease is its own."""
+        return True
+
+    def release(self, name: str, owner: str) -> None:
+        """Nothing to give up."""
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -31,6 +31,26 @@ TIMEOUT_S = 0.5
 RESYNC_EVERY_S = 1.0
 
 
+#: take a free lease, or renew one this owner holds; 1 when held afterwards
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+#: delete a lease only if this owner holds it
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class RedisStateStore:
     """Model state in Redis, shared by every replica pointing at the same URL and prefix."""
 
@@ -77,6 +97,22 @@ class RedisStateStore:
             self._failed(exc)
             raise OSError(f"the shared state store (Redis at {self._where()}) cannot be reached: {exc}") from None
         self._reached()
+
+    def lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the lease if free or renew it if `owner` holds it (atomically); False if another replica
+        holds it, or Redis cannot be reached (then nobody can be sure to hold it: do not act)."""
+        try:
+            held = self._client.eval(_LEASE, 1, f"{self.prefix}:lease:{name}", owner, int(ttl_s * 1000))
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return False
+        self._reached()
+        return bool(held)
+
+    def release(self, name: str, owner: str) -> None:
+        """Give the lease up if `owner` holds it (at shutdown: another replica takes over at once)."""
+        with contextlib.suppress(redis.RedisError):
+            self._client.eval(_RELEASE, 1, f"{self.prefix}:lease:{name}", owner)
 
     def status(self) -> dict[str, Any]:
         """For /status: where state lives and whether it can be reached (and since when not)."""

@@ -156,3 +156,53 @@ def test_without_redis_replicas_keep_serving_refuse_changes_and_reconcile_when_i
     switched = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
     assert switched.status_code == 200, switched.text
     _within(1.5, lambda: _version(second) == "2")
+
+
+@pytest.mark.e2e
+def test_a_rollout_survives_killing_the_replica_that_drives_it(ungated_repo: tuple[Path, Path],
+                                                               redis_server: RedisServer, tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    from tests.conftest import patch_policy
+
+    models, policies = ungated_repo
+    patch_policy(policies, MODEL, rollout={"steps": [50, 100], "interval_s": 3.0, "min_requests": 5,
+                                           "rollback_if": {"p99_ratio_gt": None, "drift_alert": False}})
+    env = {"GATEWAY_STATE_STORE": "redis", "GATEWAY_REDIS_URL": redis_server.url,
+           "GATEWAY_ADMIN_TOKENS": f'[{{"name": "ops", "role": "admin", "token": "{TOKEN}"}}]'}
+    first = RunningServer(models, policies, env=env, state=tmp_path / "state-1")
+    second = RunningServer(models, policies, env=env, state=tmp_path / "state-2")
+    stop = threading.Event()
+
+    def traffic() -> None:  # both replicas see canary calls, as behind a load balancer
+        with httpx.Client(timeout=5) as client:
+            while not stop.is_set():
+                for server in (first, second):
+                    with __import__("contextlib").suppress(httpx.HTTPError):
+                        client.post(f"{server.url}/v1/models/{MODEL}:predict", json={"instances": [good_row()]})
+                time.sleep(0.02)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    try:
+        first.wait_live()
+        second.wait_live()
+        started = httpx.post(f"{first.url}/admin/models/{MODEL}/rollout", json={"version": "2"}, headers=ADMIN)
+        assert started.status_code == 200, started.text
+        sender.start()
+        rollout_url = f"{second.url}/admin/models/{MODEL}/rollout"
+        driver_url = f"{first.url}/admin/models/{MODEL}/rollout"
+        _within(2.0, lambda: httpx.get(driver_url, headers=ADMIN).json()["rollout"]["driven_here"] is True)
+        _within(1.0, lambda: httpx.get(rollout_url, headers=ADMIN).json()["rollout"]["status"] == "running")
+        assert httpx.get(rollout_url, headers=ADMIN).json()["rollout"]["driven_here"] is False  # standing by
+        first.process.send_signal(signal.SIGKILL)  # the driver dies without handing its lease over
+        _within(30.0, lambda: httpx.get(rollout_url, headers=ADMIN).json()["rollout"]["status"] == "completed")
+        taken_over = httpx.get(rollout_url, headers=ADMIN).json()["rollout"]
+        assert taken_over["driven_here"] is False  # done: nobody drives it any more
+        assert _version(second) == "2"
+    finally:
+        stop.set()
+        if sender.is_alive():
+            sender.join(timeout=10)
+        first.stop()
+        second.stop()
