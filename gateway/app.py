@@ -117,9 +117,17 @@ class Gateway:
         self.publish(self.control.reconcile(snapshot))  # on the loop: it may hand decisions to the audit log
         self.rollouts.resume_all()
         if isinstance(self.state_store, RedisStateStore):  # other replicas' changes, applied here
-            self.state_watcher = StateWatcher(self.state_store, lambda: list(self.snapshot.models),
-                                              self.control.apply_shared)
+            store = self.state_store
+            self.state_watcher = StateWatcher(store, lambda: list(self.snapshot.models), self.control.apply_shared,
+                                              trip=self.breakers.trip)
             self.state_watcher.start()
+            loop = asyncio.get_running_loop()
+
+            def announce(name: str) -> None:
+                # a trip happens on the request path: announce it from a worker thread, never waiting for Redis
+                loop.run_in_executor(None, store.announce_trip, name)
+
+            self.breakers.on_trip = announce
         self.monitor.start()
         # Everything loaded so far (modules, sessions, policies) lives as long as the process: move
         # it out of the collector's sight, so a full collection under load scans only what requests

@@ -71,6 +71,9 @@ class AsyncBreaker:
         self._opened_at: float | None = None
         self._trial_in_flight = False
         self._epoch = 0  # bumped on every trip: outcomes of calls admitted before it are stale
+        self._remote_trip = False
+        self.on_trip: Callable[[str], None] | None = None
+        """Told the breaker's name when it trips here (not when another replica's trip opened it)."""
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max, reset_timeout=reset_timeout_s, exclude=[_not_counted],
             listeners=[_Notify(self)], name=name)
@@ -119,10 +122,24 @@ class AsyncBreaker:
         if ticket.trial:
             self._trial_in_flight = False
 
+    def trip_from_elsewhere(self) -> bool:
+        """Open because another replica's breaker of this version tripped (True if it was not open);
+        this replica then tries its own trial after the reset timeout, like after a trip of its own."""
+        if self.state == OPEN:
+            return False
+        self._remote_trip = True
+        try:
+            self.breaker.open()
+        finally:
+            self._remote_trip = False
+        return True
+
     def _changed(self, old: str, new: str) -> None:
         if new == OPEN:
             self._opened_at = self._clock()
             self._epoch += 1
+            if not self._remote_trip and self.on_trip is not None:
+                self.on_trip(self.name)
         level = logging.WARNING if new != CLOSED else logging.INFO
         log.log(level, "circuit breaker %s: %s -> %s", self.name, old or "(new)", new)
         if self._on_change is not None:

@@ -197,6 +197,8 @@ class BreakerBoard:
         self._breakers: dict[tuple[str, str], AsyncBreaker] = {}
         self._on_change = on_change
         self._clock = clock
+        self.on_trip: Callable[[str], None] | None = None
+        """Told `model/version` when a breaker trips on this replica (shared stores tell the others)."""
 
     def get(self, model: str, version: str, spec: Breaker) -> AsyncBreaker:
         """The breaker of one version (a new one when its settings changed)."""
@@ -204,8 +206,18 @@ class BreakerBoard:
         if current is None or (current.fail_max, current.reset_timeout_s) != (spec.fail_max, spec.reset_timeout_s):
             current = AsyncBreaker(f"{model}/{version}", spec.fail_max, spec.reset_timeout_s,
                                    clock=self._clock, on_change=self._on_change)
+            current.on_trip = self._tripped
             self._breakers[(model, version)] = current
         return current
+
+    def trip(self, model: str, version: str) -> bool:
+        """Open a version's breaker because it tripped on another replica (False: unknown, or open)."""
+        breaker = self._breakers.get((model, version))
+        return breaker.trip_from_elsewhere() if breaker is not None else False
+
+    def _tripped(self, name: str) -> None:
+        if self.on_trip is not None:
+            self.on_trip(name)
 
 
 @dataclass(frozen=True)

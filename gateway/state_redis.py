@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,6 +63,9 @@ class RedisStateStore:
         self.url = url
         self.prefix = prefix
         self.channel = f"{prefix}:changes"
+        self.breaker_channel = f"{prefix}:breakers"
+        self.origin = uuid.uuid4().hex
+        """This replica's id on announcements (its own are not applied twice)."""
         self._client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
         self.ok = True
         self.error = ""
@@ -114,6 +119,14 @@ class RedisStateStore:
         with contextlib.suppress(redis.RedisError):
             self._client.eval(_RELEASE, 1, f"{self.prefix}:lease:{name}", owner)
 
+    def announce_trip(self, name: str) -> None:
+        """Tell the other replicas that the breaker `model/version` tripped here (best effort: a replica
+        that misses it trips on its own failures)."""
+        try:
+            self._client.publish(self.breaker_channel, json.dumps({"breaker": name, "origin": self.origin}))
+        except redis.RedisError as exc:
+            self._failed(exc)
+
     def status(self) -> dict[str, Any]:
         """For /status: where state lives and whether it can be reached (and since when not)."""
         return {"kind": self.kind, "ok": self.ok, "location": self._where(), "error": self.error or None,
@@ -148,10 +161,11 @@ class StateWatcher:
     """Applies other replicas' changes: on each announcement at once, and every model once a second."""
 
     def __init__(self, store: RedisStateStore, models: Callable[[], list[str]],
-                 apply: Callable[[str], Awaitable[None]]) -> None:
+                 apply: Callable[[str], Awaitable[None]], trip: Callable[[str, str], Any] | None = None) -> None:
         self._store = store
         self._models = models
         self._apply = apply
+        self._trip = trip
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -171,14 +185,17 @@ class StateWatcher:
             client = self._store.watcher_client()
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self._store.channel)
+                    await pubsub.subscribe(self._store.channel, self._store.breaker_channel)
                     await self._resync()  # whatever changed while not subscribed
                     next_resync = loop.time() + RESYNC_EVERY_S
                     while True:
                         wait = max(0.0, next_resync - loop.time())
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                         if message is not None and message.get("type") == "message":
-                            await self._apply_safely(_text(message.get("data")))
+                            if _text(message.get("channel")) == self._store.breaker_channel:
+                                self._tripped_elsewhere(_text(message.get("data")))
+                            else:
+                                await self._apply_safely(_text(message.get("data")))
                         if loop.time() >= next_resync:
                             await self._resync()
                             next_resync = loop.time() + RESYNC_EVERY_S
@@ -188,6 +205,16 @@ class StateWatcher:
             finally:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+    def _tripped_elsewhere(self, data: str) -> None:
+        try:
+            announced = json.loads(data)
+            model, _, version = str(announced["breaker"]).partition("/")
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed breaker announcement: %r", data[:200])
+            return
+        if announced.get("origin") != self._store.origin and self._trip is not None and self._trip(model, version):
+            log.warning("circuit breaker %s/%s opened: it tripped on another replica", model, version)
 
     async def _resync(self) -> None:
         for model in self._models():

@@ -206,3 +206,32 @@ def test_a_rollout_survives_killing_the_replica_that_drives_it(ungated_repo: tup
             sender.join(timeout=10)
         first.stop()
         second.stop()
+
+
+@pytest.mark.e2e
+def test_a_breaker_that_trips_on_one_replica_opens_on_the_other(ungated_repo: tuple[Path, Path],
+                                                                redis_server: RedisServer, tmp_path: Path) -> None:
+    from tests.conftest import patch_policy
+
+    models, policies = ungated_repo
+    patch_policy(policies, MODEL, faults=[{"version": "2", "error_percent": 100}])
+    env = {"GATEWAY_STATE_STORE": "redis", "GATEWAY_REDIS_URL": redis_server.url}
+    failing = RunningServer(models, policies, env={**env, "GATEWAY_ALLOW_FAULT_INJECTION": "true"},
+                            state=tmp_path / "state-1")
+    healthy = RunningServer(models, policies, env=env, state=tmp_path / "state-2")  # faults refused here
+    pinned = f"/v1/models/{MODEL}/versions/2:predict"
+    try:
+        failing.wait_live()
+        healthy.wait_live()
+        body = {"instances": [good_row()]}
+        assert "x-fallback" not in httpx.post(healthy.url + pinned, json=body).headers  # v2 answers here
+        for _ in range(6):  # fail_max 5: the sixth finds the breaker open
+            httpx.post(failing.url + pinned, json=body)
+        assert httpx.post(failing.url + pinned, json=body).headers.get("x-fallback") == "circuit_open"
+        _within(1.0, lambda: httpx.post(healthy.url + pinned, json=body).headers.get("x-fallback") == "circuit_open")
+        status = httpx.get(f"{healthy.url}/status").json()
+        version = next(v for m in status["models"] for v in m["versions"] if v["version"] == "2")
+        assert version["breaker"]["state"] == "open"
+    finally:
+        failing.stop()
+        healthy.stop()
