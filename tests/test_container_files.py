@@ -190,3 +190,12 @@ def test_grafana_provisions_the_prometheus_datasource_and_the_dashboard() -> Non
     mounts = _compose()["services"]["grafana"]["volumes"]
     dashboard_mount = next(v for v in mounts if v.startswith("./grafana/dashboard.json:"))
     assert dashboard_mount.split(":")[1].startswith(provider["options"]["path"] + "/")
+
+
+def test_the_replicas_in_every_deployment_share_their_control_state() -> None:
+    deployment = next(d for _, d in _manifests() if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert deployment["spec"]["replicas"] > 1 and env["GATEWAY_STATE_STORE"] == "redis"
+    for name in ("gateway-1", "gateway-2"):
+        assert _compose()["services"][name]["environment"]["GATEWAY_STATE_STORE"] == "redis"
+    assert [n for n in env if n.startswith("GATEWAY_") and n[8:].lower() not in Settings.model_fields] == []
