@@ -80,7 +80,7 @@ class RedisStateStore:
         try:
             data = self._client.get(self.key(model))
         except redis.RedisError as exc:
-            self._failed(exc)
+            self.unreachable(exc)
             return None
         self._reached()
         if data is None:
@@ -99,7 +99,7 @@ class RedisStateStore:
                 pipe.publish(self.channel, model)
                 pipe.execute()
         except redis.RedisError as exc:
-            self._failed(exc)
+            self.unreachable(exc)
             raise OSError(f"the shared state store (Redis at {self._where()}) cannot be reached: {exc}") from None
         self._reached()
 
@@ -109,7 +109,7 @@ class RedisStateStore:
         try:
             held = self._client.eval(_LEASE, 1, f"{self.prefix}:lease:{name}", owner, int(ttl_s * 1000))
         except redis.RedisError as exc:
-            self._failed(exc)
+            self.unreachable(exc)
             return False
         self._reached()
         return bool(held)
@@ -125,7 +125,7 @@ class RedisStateStore:
         try:
             self._client.publish(self.breaker_channel, json.dumps({"breaker": name, "origin": self.origin}))
         except redis.RedisError as exc:
-            self._failed(exc)
+            self.unreachable(exc)
 
     def status(self) -> dict[str, Any]:
         """For /status: where state lives and whether it can be reached (and since when not)."""
@@ -144,7 +144,8 @@ class RedisStateStore:
         kwargs = self._client.connection_pool.connection_kwargs
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
-    def _failed(self, exc: Exception) -> None:
+    def unreachable(self, exc: Exception) -> None:
+        """Record that Redis could not be reached (status degraded until the next call that works)."""
         if self.ok:
             log.error("shared state store unreachable (%s): serving the last known state", exc)
             self.since = time.time()
@@ -200,7 +201,10 @@ class StateWatcher:
                             await self._resync()
                             next_resync = loop.time() + RESYNC_EVERY_S
             except (redis.RedisError, OSError) as exc:
-                self._store._failed(exc)
+                self._store.unreachable(exc)
+                await asyncio.sleep(RESYNC_EVERY_S)
+            except Exception:  # a bug must not end the watching: log it and subscribe again
+                log.exception("the shared-state watcher failed; subscribing again")
                 await asyncio.sleep(RESYNC_EVERY_S)
             finally:
                 with contextlib.suppress(Exception):
