@@ -88,6 +88,7 @@ class Gateway:
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
                                           drift_state=self.monitor.drift_state)
         self.control.on_adopted = self.rollouts.adopted
+        self.metrics.state_store_up.set_function(lambda: 1.0 if self.state_store.status()["ok"] else 0.0)
         self.tokens = TokenBook(settings.admin_tokens)
         self.audit: AuditWriter = AuditWriter(settings.audit_dir, settings.audit_queue, settings.audit_fsync,
                                  settings.audit_fsync_interval_s, settings.audit_max_file_bytes,

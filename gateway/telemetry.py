@@ -53,6 +53,10 @@ class Metrics:
         self.in_flight = Gauge(
             "gateway_inferences_in_flight", "Model calls running or waiting for a worker thread.",
             registry=self.registry)
+        self.state_store_up = Gauge(
+            "gateway_state_store_up",
+            "1 when the control-state store can be reached; 0 while a shared store (Redis) is away "
+            "(replicas serve their last known state and refuse admin changes).", registry=self.registry)
         self.shadow = Counter(
             "gateway_shadow_requests", "Mirrored requests by outcome (compared, dropped: queue full, failed).",
             ["model", "version", "outcome"], registry=self.registry)

@@ -38,7 +38,7 @@ NOT_YET_EXPORTED: dict[str, str] = {}  # metric -> the feature that will export 
 EXPECTED_ALERTS = {
     "GatewayDriftAlert", "GatewayDriftWarn", "GatewayBreakerOpen", "GatewayErrorRateHigh", "GatewayP99OverSLO",
     "GatewayFallbackRateHigh", "GatewayVolumeAnomaly", "GatewayShadowDisagreementHigh", "GatewayOutcomeAlert",
-    "GatewayAuditBacklog", "GatewayNotReady", "GatewayPolicyProblems", "GatewayShadowDropping",
+    "GatewayAuditBacklog", "GatewayNotReady", "GatewayPolicyProblems", "GatewayShadowDropping", "GatewayStateStoreDown",
 }
 SEVERITIES = {"critical", "warning", "info"}
 

@@ -150,9 +150,11 @@ def test_without_redis_replicas_keep_serving_refuse_changes_and_reconcile_when_i
     assert _version(first) == "1"  # not half-applied
     _within(3.0, lambda: httpx.get(f"{second.url}/status").json()["server"]["state_store"]["ok"] is False)
     assert httpx.get(f"{second.url}/status").json()["server"]["degraded"] is True
+    assert "gateway_state_store_up 0.0" in httpx.get(f"{second.url}/metrics").text  # GatewayStateStoreDown
     redis_server.start()
     for server in (first, second):
         _within(5.0, lambda server=server: httpx.get(f"{server.url}/status").json()["server"]["state_store"]["ok"])
+    assert "gateway_state_store_up 1.0" in httpx.get(f"{second.url}/metrics").text
     switched = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
     assert switched.status_code == 200, switched.text
     _within(1.5, lambda: _version(second) == "2")
