@@ -176,9 +176,9 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop rollouts and shadows, then the worker threads (after in-flight runs finish)."""
-        await self.rollouts.close()
-        if self.state_watcher is not None:
+        if self.state_watcher is not None:  # first: nothing adopted may relaunch a rollout task below
             await self.state_watcher.close()
+        await self.rollouts.close()
         if isinstance(self.state_store, RedisStateStore):
             self.state_store.close()
         await self.readiness_runs.close()

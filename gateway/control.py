@@ -28,7 +28,7 @@ from gateway.errors import ClientError, GatewayError, ModelNotFound
 from gateway.readiness.store import ReportStore
 from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.repository import ModelRepository, ModelVersion, version_key
-from gateway.state import Aliases, ControlStateStore, ModelState, RolloutState, routing_hash
+from gateway.state import Aliases, ControlStateStore, ModelState, RolloutState, StaleState, routing_hash
 
 log = logging.getLogger("gateway.control")
 
@@ -151,26 +151,40 @@ class ReleaseControl:
                 self.record("system", name, "policy_routing_changed", asdict(stored.aliases),
                             asdict(model.aliases), reason="the policy's routing section changed: it wins")
             self.rollouts[name] = None
+            fresh = ModelState(model.aliases, declared, None, self._clock())
             try:
-                self.store.save(name, ModelState(model.aliases, declared, None, self._clock()))
-            except OSError as exc:
+                self.store.save(name, fresh, stored.updated_at if stored is not None else None)
+                self._seen_at[name] = fresh.updated_at
+            except (OSError, StaleState) as exc:
                 log.error("cannot write the state of %s: %s (changes will be refused)", name, exc)
         return replace(snapshot, models=models)
 
     async def apply_shared(self, model: str) -> None:
         """Adopt another replica's change to `model` from a shared store (nothing if it is the state this
         replica last wrote or adopted). Replicas whose policies route differently keep their own."""
+        seen_before = self._seen_at.get(model)
         stored = await asyncio.to_thread(self.store.load, model)
-        if stored is None:
-            return
         async with self.lock:
+            if self._seen_at.get(model) != seen_before:
+                return  # a local change was stored while this was read: the next read brings the news
             current = self._get().models.get(model)
-            if current is None or stored.updated_at == self._seen_at.get(model):
+            if current is None:
+                return
+            if stored is None:
+                await self._restore_locked(current)
+                return
+            if stored.updated_at == self._seen_at.get(model):
                 return
             self._seen_at[model] = stored.updated_at
             if stored.routing_hash != _routing_of(current):
                 log.warning("shared state of %s was written under another policy routing; keeping this "
                             "replica's policy", model)
+                return
+            missing = [v for v in (stored.aliases.stable, stored.aliases.canary, stored.aliases.shadow)
+                       if v is not None and v not in current.served]
+            if missing:
+                log.error("shared state of %s routes to versions this replica does not serve (%s); keeping "
+                          "its own aliases", model, ", ".join(missing))
                 return
             if stored.aliases == current.aliases and stored.rollout == self.rollouts.get(model):
                 return
@@ -190,6 +204,20 @@ class ReleaseControl:
                         reason="another replica's change, from the shared state store")
             if self.on_adopted is not None:
                 self.on_adopted(model)
+
+    async def _restore_locked(self, current: ServedModel) -> None:
+        """A shared store that answers but has lost this model's state (a Redis restarted without its
+        data): write back what this replica knows, so a replica starting next does not reset the fleet."""
+        if not self.store.status()["ok"] or current.name not in self._seen_at:
+            return
+        state = ModelState(current.aliases, _routing_of(current), self.rollouts.get(current.name), self._clock())
+        try:
+            await asyncio.to_thread(self.store.save, current.name, state, None)
+        except (OSError, StaleState) as exc:  # another replica restored it first, or the store went away
+            log.info("not restoring the shared state of %s: %s", current.name, exc)
+            return
+        self._seen_at[current.name] = state.updated_at
+        log.warning("shared state of %s was missing; restored this replica's", current.name)
 
     # --- alias changes -----------------------------------------------------------------------
 
@@ -399,11 +427,13 @@ class ReleaseControl:
         state = ModelState(aliases, _routing_of(current), state_rollout, self._clock())
         try:
             if self.store.shared:  # a network store may hang up to its timeout: never on the loop
-                await asyncio.to_thread(self.store.save, name, state)
+                await asyncio.to_thread(self.store.save, name, state, self._seen_at.get(name))
             else:
                 # On the loop, not in a thread: the write is ~1 ms (fsync included) and admin changes are
                 # rare, while a thread hop under load would wait behind every queued request callback.
                 self.store.save(name, state)
+        except StaleState as exc:
+            raise Conflict(str(exc)) from None
         except OSError as exc:
             raise StoreFailed(f"cannot store the change ({exc}); nothing was changed") from None
         stored_ms = (time.perf_counter() - started) * 1000

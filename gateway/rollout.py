@@ -85,6 +85,7 @@ class RolloutController:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This replica's name on rollout leases."""
         self._driving: set[str] = set()
+        self._closed = False
 
     async def start(self, model: str, version: str, actor: str, force: bool = False) -> RolloutState:
         """Begin a rollout of `version` as canary at the plan's first step (GateClosed under an enforced
@@ -126,6 +127,7 @@ class RolloutController:
             await self._control.set_canary_locked(model, None, 0.0, actor, "rollout_abort", done)
         self._metrics.rollout_decisions.labels(model, "abort").inc()
         self._stop(model)
+        await self._let_go(model)
         return done
 
     def status(self, model: str) -> dict[str, Any] | None:
@@ -149,6 +151,8 @@ class RolloutController:
 
     def adopted(self, model: str) -> None:
         """Another replica changed the model's state: follow its rollout (stand by, or take over)."""
+        if self._closed:
+            return
         state = self._control.rollouts.get(model)
         if state is None or not state.active:
             return
@@ -164,6 +168,7 @@ class RolloutController:
 
     async def close(self) -> None:
         """Stop the tasks (state stays persisted; a restart resumes) and hand leases over."""
+        self._closed = True
         tasks = list(self._tasks.values())
         for model in list(self._tasks):
             self._stop(model)
@@ -205,7 +210,10 @@ class RolloutController:
 
     async def _run(self, model: str) -> None:
         await self._drive(model)
-        if model in self._driving:  # the rollout ended here: let the lease go at once
+        await self._let_go(model)  # the rollout ended here: let the lease go at once
+
+    async def _let_go(self, model: str) -> None:
+        if model in self._driving:
             self._driving.discard(model)
             await self._store_call(self._control.store.release, f"rollout:{model}", self.owner)
 

@@ -115,6 +115,10 @@ def decode_state(data: bytes | str) -> ModelState:
     )
 
 
+class StaleState(Exception):
+    """Another replica changed the model's state since this replica last saw it (nothing was written)."""
+
+
 class ControlStateStore(Protocol):
     """Where each model's control state lives (a file per model by default; Redis for replicas)."""
 
@@ -124,8 +128,9 @@ class ControlStateStore(Protocol):
     def load(self, model: str) -> ModelState | None:
         """The stored state, or None (none, or unreadable: logged)."""
 
-    def save(self, model: str, state: ModelState) -> None:
-        """Store durably; OSError when it cannot (the change is then refused)."""
+    def save(self, model: str, state: ModelState, expect: float | None = None) -> None:
+        """Store durably; OSError when it cannot (the change is then refused). A shared store raises
+        StaleState when the stored state is not the one last seen (`expect`: its `updated_at`)."""
 
     def status(self) -> dict[str, Any]:
         """For /status."""
@@ -162,8 +167,9 @@ class StateStore:
             log.error("state file %s is unreadable (%s); starting from the policy's routing", path, exc)
             return None
 
-    def save(self, model: str, state: ModelState) -> None:
-        """Write atomically and durably (temp file, fsync, rename, fsync of the directory)."""
+    def save(self, model: str, state: ModelState, expect: float | None = None) -> None:
+        """Write atomically and durably (temp file, fsync, rename, fsync of the directory); one replica
+        owns its files, so `expect` is not checked."""
         write_atomically(self.path(model), encode_state(state))
 
     def status(self) -> dict[str, Any]:

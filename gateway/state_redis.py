@@ -23,7 +23,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from gateway.state import ModelState, decode_state, encode_state
+from gateway.state import ModelState, StaleState, decode_state, encode_state
 
 log = logging.getLogger("gateway.state_redis")
 
@@ -87,17 +87,29 @@ class RedisStateStore:
             return None
         try:
             return decode_state(data)
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # anything under the key (garbage, absurd nesting) must not stop a replica
             log.error("shared state of %s is unreadable (%s); starting from the policy's routing", model, exc)
             return None
 
-    def save(self, model: str, state: ModelState) -> None:
-        """Store and announce a change in one transaction; OSError when Redis cannot take it."""
+    def save(self, model: str, state: ModelState, expect: float | None = None) -> None:
+        """Store and announce a change in one transaction, only if the stored state is still the one this
+        replica last saw (`expect`, its `updated_at`; none stored counts as seen): StaleState otherwise,
+        OSError when Redis cannot take it."""
+        key = self.key(model)
         try:
             with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(self.key(model), encode_state(state))
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                current = pipe.get(key)
+                if current is not None and _updated_at(current) != expect:
+                    raise StaleState(f"another replica changed the state of {model} a moment ago; "
+                                     f"this replica now follows it: look, then try again")
+                pipe.multi()
+                pipe.set(key, encode_state(state))
                 pipe.publish(self.channel, model)
                 pipe.execute()
+        except redis.WatchError:
+            raise StaleState(f"another replica changed the state of {model} while this change was being "
+                             f"stored; nothing was changed: try again") from None
         except redis.RedisError as exc:
             self.unreachable(exc)
             raise OSError(f"the shared state store (Redis at {self._where()}) cannot be reached: {exc}") from None
@@ -194,7 +206,7 @@ class StateWatcher:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                         if message is not None and message.get("type") == "message":
                             if _text(message.get("channel")) == self._store.breaker_channel:
-                                self._tripped_elsewhere(_text(message.get("data")))
+                                self._tripped_elsewhere(message.get("data"))
                             else:
                                 await self._apply_safely(_text(message.get("data")))
                         if loop.time() >= next_resync:
@@ -210,15 +222,14 @@ class StateWatcher:
                 with contextlib.suppress(Exception):
                     await client.aclose()
 
-    def _tripped_elsewhere(self, data: str) -> None:
+    def _tripped_elsewhere(self, data: Any) -> None:
         try:
             announced = json.loads(data)
             model, _, version = str(announced["breaker"]).partition("/")
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed breaker announcement: %r", data[:200])
-            return
-        if announced.get("origin") != self._store.origin and self._trip is not None and self._trip(model, version):
-            log.warning("circuit breaker %s/%s opened: it tripped on another replica", model, version)
+            if announced.get("origin") != self._store.origin and self._trip is not None and self._trip(model, version):
+                log.warning("circuit breaker %s/%s opened: it tripped on another replica", model, version)
+        except Exception:  # a malformed announcement is dropped; the subscription must go on
+            log.warning("ignoring a malformed breaker announcement: %r", repr(data)[:200])
 
     async def _resync(self) -> None:
         for model in self._models():
@@ -232,4 +243,12 @@ class StateWatcher:
 
 
 def _text(data: Any) -> str:
-    return data.decode() if isinstance(data, bytes) else str(data)
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+
+
+def _updated_at(data: bytes | str) -> float | None:
+    """The `updated_at` of a stored state (None when it cannot be read: any expectation fails)."""
+    try:
+        return float(json.loads(data)["updated_at"])
+    except Exception:
+        return None
