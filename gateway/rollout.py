@@ -231,8 +231,12 @@ class RolloutController:
                 if not await self._hold(model):  # another replica drives it: stand by
                     await self._sleep(LEASE_TTL_S / 5)
                     continue
-                if not await self._step(model, state):
-                    return
+                try:
+                    if not await self._step(model, state):
+                        return
+                except Conflict as exc:  # the shared state moved under this driver: follow it, do not roll back
+                    log.warning("rollout of %s: %s", model, exc)
+                    await self._control.apply_shared(model)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not leave a canary half-rolled with nobody watching
@@ -277,6 +281,8 @@ class RolloutController:
                     "decision": "pass", "canary": canary.as_dict(), "stable": stable.as_dict()}
         history = (*state.history, decision)
         async with self._control.lock:
+            if not await self._hold(model):  # the lease moved while this step was judged: the new driver decides
+                return True
             if state.step + 1 >= len(state.steps):
                 return await self._promote(model, state, history)
             nxt = replace(state, step=state.step + 1, step_started_at=self._clock(), history=history)
@@ -310,7 +316,7 @@ class RolloutController:
     async def _roll_back(self, model: str, reason: str, canary: Interval, stable: Interval) -> None:
         async with self._control.lock:
             state = self._control.rollouts.get(model)
-            if state is None or not state.active:
+            if state is None or not state.active or not await self._hold(model):
                 return
             decision = {"time": self._clock(), "step": state.step, "percent": state.steps[state.step],
                         "decision": "rollback", "reason": reason, "canary": canary.as_dict(),

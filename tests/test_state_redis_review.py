@@ -247,3 +247,28 @@ def test_garbage_under_the_state_key_does_not_stop_a_replica_from_starting(
             assert _aliases(a)[0] == "1"
 
     asyncio.run(scenario())
+
+
+def test_a_driver_whose_step_write_meets_a_newer_shared_state_follows_it_and_does_not_roll_back(
+        ungated_repo: tuple[Path, Path], redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    from tests.conftest import patch_policy
+
+    patch_policy(ungated_repo[1], MODEL, rollout={"steps": [10, 50, 100], "interval_s": 0.3, "min_requests": 1,
+                                                  "rollback_if": {"p99_ratio_gt": None, "drift_alert": False}})
+
+    async def scenario() -> None:
+        async with _replica(ungated_repo, redis_server.url, tmp_path, "a") as a, \
+                _replica(ungated_repo, redis_server.url, tmp_path, "b") as b:
+            await a.rollouts.start(MODEL, "2", "ops")
+            await b.control.apply_shared(MODEL)  # B follows the rollout (A's watcher is off: A will not)
+            await b.control.set_shadow(MODEL, "1", 5.0, "ops-b")  # stored: A's next step write is now stale
+            for _ in range(30):  # A judges its steps on its own traffic (none needed: min 1, fake a call)
+                a.stats.record(MODEL, "2", 0.001, False, False)
+                await asyncio.sleep(0.1)
+            state = a.state_store.load(MODEL)
+            assert state is not None and state.rollout is not None
+            assert state.rollout.status != "rolled_back", state.rollout.reason
+            assert state.aliases.shadow == "1"  # B's change kept
+            assert state.rollout.step >= 1 or state.rollout.status == "completed"  # A went on driving it
+
+    asyncio.run(scenario())
