@@ -456,3 +456,27 @@ def test_a_production_policy_that_differs_fails_the_environment_item(repo: tuple
 def repo(readiness_repo: tuple[Path, Path]) -> tuple[Path, Path]:
     """The readiness copy of the repository (tests/conftest.py)."""
     return readiness_repo
+
+
+def test_an_unreadable_report_ends_an_admin_run_as_could_not_run_and_leaves_no_directory(tmp_path: Path) -> None:
+    from gateway.readiness.jobs import ReadinessJob, ReadinessRunner
+
+    class FinishedProcess:  # a child that exited 0 after writing a broken report (an injected fault)
+        class stdout:  # noqa: N801
+            @staticmethod
+            async def read(_: int) -> bytes:
+                return b""
+
+        @staticmethod
+        async def wait() -> int:
+            return 0
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m-1-readiness.json").write_text("{not json")
+    runner = ReadinessRunner(tmp_path, tmp_path, tmp_path / "store", on_report=lambda actor, report: None)
+    job = ReadinessJob(1, "m", "1", "ops", 1.0, 0.0)
+    job._process = FinishedProcess()
+    asyncio.run(runner._watch(job, out))
+    assert job.status == "could_not_run" and "could not be read" in job.output
+    assert not out.exists()

@@ -23,7 +23,6 @@ import yaml
 from numpy.typing import NDArray
 
 from gateway.card import ModelCard
-from gateway.errors import Violation
 from gateway.policy import LoadedPolicy, Policy, PolicyError, Readiness, load_policy, policy_files
 from gateway.readiness.data import DataError, GoldenLine, Table, file_sha256, read_golden, read_table
 from gateway.readiness.evaluate import Evaluator, Scored
@@ -289,13 +288,3 @@ def outputs_of(answer: dict[str, Any]) -> dict[str, NDArray[Any]]:
         outputs[output["name"]] = array
     return outputs
 
-
-def violations_of(answer: httpx.Response) -> list[Violation]:
-    """The violations an error answer lists (empty when it lists none or is not JSON)."""
-    try:
-        body = answer.json()
-    except ValueError:
-        return []
-    listed = body.get("violations") if isinstance(body, dict) else None
-    return [Violation(v.get("field", ""), v.get("reason", ""), v.get("expected", ""), v.get("got", ""), v.get("row"))
-            for v in listed or [] if isinstance(v, dict)]

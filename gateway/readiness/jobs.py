@@ -127,14 +127,18 @@ class ReadinessRunner:
         if job.status == "running":
             job.status = {0: "ready", 1: "not_ready"}.get(job.exit_code, "could_not_run") if reports \
                 else "could_not_run"
-        if reports and job.exit_code in (0, 1):
-            document = orjson.loads(reports[0].read_bytes())
-            job.report = {k: document.get(k) for k in ("sha256", "model", "version", "ready", "score", "band",
-                                                       "model_sha256", "policy_sha256", "maturity")}
-            job.report["failed"] = [f"{i['phase']}.{i['key']}: {i['detail']}" for i in document.get("items", [])
-                                    if i.get("status") == "fail"]
-            self.on_report(job.actor, job.report)
-        shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            if reports and job.exit_code in (0, 1):
+                document = orjson.loads(reports[0].read_bytes())
+                job.report = {k: document.get(k) for k in ("sha256", "model", "version", "ready", "score", "band",
+                                                           "model_sha256", "policy_sha256", "maturity")}
+                job.report["failed"] = [f"{i['phase']}.{i['key']}: {i['detail']}"
+                                        for i in document.get("items", []) if i.get("status") == "fail"]
+                self.on_report(job.actor, job.report)
+        except Exception as exc:  # an unreadable report is the run's outcome, not the watcher's crash
+            job.status, job.output = "could_not_run", f"{job.output}\nthe report could not be read: {exc}"
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
     async def close(self) -> None:
         """Stop any run in progress (at shutdown)."""

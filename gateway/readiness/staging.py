@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from loadtests.common import free_port
+
 #: how long the staging gateway may take to load and warm up every model
 START_TIMEOUT_S = 120.0
 #: environment variables a staging gateway does not inherit
@@ -32,13 +33,6 @@ PRIVATE_SETTINGS = ("OTEL_", "GATEWAY_TRACE_", "GATEWAY_READINESS_", "GATEWAY_AU
 
 class StagingError(Exception):
     """The staging gateway could not be started (the checklist cannot run: exit code 2)."""
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class StagingGateway:
