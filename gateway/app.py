@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -40,8 +41,9 @@ from gateway.shadow import ShadowMirror
 from gateway.state import ControlStateStore, StateStore
 from gateway.state_redis import RedisStateStore, StateWatcher
 from gateway.stats import TrafficStats
-from gateway.telemetry import BREAKER_CODES, Metrics
+from gateway.telemetry import BREAKER_CODES, SAMPLE_INTERVAL_S, Metrics
 from gateway.tracing import make_tracer, never_sampled
+from gateway.workers import WorkerSlot, claim_slot
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +54,13 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.version = __version__
+        self.slot: WorkerSlot | None = claim_slot(settings.state_dir / "workers") if settings.workers > 1 else None
+        """This worker's slot when several share the port: it names its audit chain and event log."""
+        worker = self.slot.name if self.slot is not None else ""
+
+        def own(path: Path) -> Path:
+            return path / worker if worker else path
+
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads,
                                            thread_name_prefix="inference")
@@ -70,7 +79,7 @@ class Gateway:
         """Whether requests without a caller's trace context may be recorded (else they skip the SDK)."""
         self.pipeline = InferencePipeline(lambda: self.snapshot, self.executor, settings.max_queued_inferences,
                                           self.stats, self.shadow, monitor=self.monitor, tracer=self.tracer)
-        self.metrics.in_flight.set_function(lambda: self.pipeline.in_flight)
+        self.metrics.sample(self.metrics.in_flight, lambda: self.pipeline.in_flight)
         self.reports = ReportStore(settings.readiness_dir or settings.state_dir / "readiness",
                                    key=settings.readiness_hmac_key)
         """Uploaded readiness reports, which open the promotion gate."""
@@ -82,21 +91,22 @@ class Gateway:
         self.state_store = _state_store(settings)
         self.state_watcher: StateWatcher | None = None
         self.control = ReleaseControl(lambda: self.snapshot, self.publish, self.state_store,
-                                      self.repository, self._serve_version, settings.state_dir / "events.jsonl",
+                                      self.repository, self._serve_version, own(settings.state_dir) / "events.jsonl",
                                       on_change=lambda model, action: self.metrics.alias_changes.labels(
                                           model, action).inc(), reports=self.reports)
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
                                           drift_state=self.monitor.drift_state)
         self.control.on_adopted = self.rollouts.adopted
-        self.metrics.state_store_up.set_function(lambda: 1.0 if self.state_store.status()["ok"] else 0.0)
+        self.metrics.sample(self.metrics.state_store_up, lambda: 1.0 if self.state_store.status()["ok"] else 0.0)
         self.tokens = TokenBook(settings.admin_tokens)
-        self.audit: AuditWriter = AuditWriter(settings.audit_dir, settings.audit_queue, settings.audit_fsync,
+        self.audit: AuditWriter = AuditWriter(own(settings.audit_dir), settings.audit_queue, settings.audit_fsync,
                                  settings.audit_fsync_interval_s, settings.audit_max_file_bytes,
                                  settings.audit_max_file_age_s)
         self.audit.on_written = lambda n: self.metrics.audit_records.labels("written").inc(n)
-        self.metrics.audit_backlog.set_function(lambda: self.audit.backlog)
+        self.metrics.sample(self.metrics.audit_backlog, lambda: self.audit.backlog)
         self.control.on_record = self.audit.offer
         self._redactors: dict[tuple[str, str], Redactor] = {}
+        self._sampler: asyncio.Task[None] | None = None
 
     def redactor(self, model: str) -> Redactor:
         """The redaction of a model's audit records (compiled once per policy)."""
@@ -130,11 +140,18 @@ class Gateway:
 
             self.breakers.on_trip = announce
         self.monitor.start()
+        if self.metrics.multiprocess_dir is not None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         # Everything loaded so far (modules, sessions, policies) lives as long as the process: move
         # it out of the collector's sight, so a full collection under load scans only what requests
         # made (a full pass over the start-up heap stalled the loop for 50-90 ms).
         gc.collect()
         gc.freeze()
+
+    async def _sample_metrics(self) -> None:
+        while True:
+            await asyncio.to_thread(self.metrics.refresh)  # the store's status may touch Redis
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def _serve_version(self, model: ServedModel, entry: ModelVersion) -> tuple[ServedVersion | None, str]:
         faults = None
@@ -160,6 +177,7 @@ class Gateway:
                 if version not in model.served:
                     m.forget_version(model.name, version)
             for version, served in model.served.items():
+                m.serving(model.name, version)
                 m.breaker_state.labels(model.name, version).set(BREAKER_CODES[served.breaker.state])
             m.canary_ratio.labels(model.name).set(model.aliases.canary_percent / 100 if model.aliases.canary else 0)
         m.policy_problems.set(len(snapshot.policy_problems))
@@ -185,8 +203,12 @@ class Gateway:
         await self.shadow.close()
         await self.monitor.close()
         await self.audit.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
         self.tracer_provider.shutdown()
         self.close()
+        if self.slot is not None:
+            self.slot.release()
 
     def close(self) -> None:
         """Stop the worker threads (after in-flight runs finish) and close the audit file."""

@@ -36,6 +36,7 @@ log = logging.getLogger("gateway.audit")
 GENESIS = "0" * 64
 LINE = re.compile(rb'^(\{.*),"hash":"([0-9a-f]{64})"\}$')
 NAME = re.compile(r"^audit-(\d{12})\.jsonl$")
+WORKER = re.compile(r"^worker-\d+$")
 BATCH = 1000
 GATHER_S = 0.02  # how long the writer lets records gather before a batch (bounds fsync latency too)
 
@@ -461,6 +462,14 @@ def verify(directory: Path) -> Verdict:
         verdict.findings.append(Finding(pending_torn["file"], pending_torn["line"], None,
                                         "torn last line (truncated: an unclean stop, not yet recovered)"))
     return verdict
+
+
+def chains(directory: Path) -> list[Path]:
+    """The audit chains under `directory`: itself when it holds audit files, and each `worker-<n>`
+    sub-directory (one chain per worker when several share a port), in worker order."""
+    found = [directory] if any(NAME.match(p.name) for p in directory.glob("audit-*.jsonl")) else []
+    workers = [p for p in directory.glob("worker-*") if p.is_dir() and WORKER.match(p.name)]
+    return found + sorted(workers, key=lambda p: int(p.name.split("-")[1]))
 
 
 def records(directory: Path) -> Iterator[dict[str, Any]]:

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--models", type=Path, dest="models_dir", help="model repository (default ./models)")
     serve.add_argument("--policies", type=Path, dest="policies_dir", help="policy directory (default ./policies)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (default 1, env "
+                                                   "GATEWAY_WORKERS; more than one needs the redis state store)")
 
     policy = commands.add_parser("policy", help="check policy files or print their schema")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
@@ -185,20 +187,32 @@ def _forced(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def _audit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from gateway.audit import records, verify
+    import heapq
+
+    from gateway.audit import chains, records, verify
 
     if not args.directory.is_dir():
         print(f"gateway: {args.directory} is not a directory", file=sys.stderr)
         return EXIT_USAGE
+    found = chains(args.directory)
     if args.audit_command == "verify":
-        verdict = verify(args.directory)
-        for finding in verdict.findings:
-            print(("" if finding.fatal else "note: ") + finding.describe())
-        status = "ok" if verdict.ok else "BROKEN"
-        print(f"{args.directory}: {status}: {verdict.records} records in {verdict.files} files verified")
-        return EXIT_OK if verdict.ok else EXIT_INVALID
+        if not found:
+            print(f"{args.directory}: no audit files (nor worker-<n>/ chains) here")
+            return EXIT_OK
+        broken = 0
+        for chain in found:
+            verdict = verify(chain)
+            for finding in verdict.findings:
+                where = "" if chain == args.directory else f"{chain.name}/"
+                print(("" if finding.fatal else "note: ") + where + finding.describe())
+            status = "ok" if verdict.ok else "BROKEN"
+            print(f"{chain}: {status}: {verdict.records} records in {verdict.files} files verified")
+            broken += not verdict.ok
+        return EXIT_OK if not broken else EXIT_INVALID
     since, until = _when(parser, args.since), _when(parser, args.until)
-    for record in records(args.directory):
+    # each chain is in time order; several (one per worker) are merged by time, each record naming its chain
+    streams = [records(chain) if chain == args.directory else _named(records(chain), chain.name) for chain in found]
+    for record in heapq.merge(*streams, key=lambda r: float(r.get("time") or 0)):
         if args.request_id is not None and record.get("request_id") != args.request_id:
             continue
         if args.model is not None and record.get("model") != args.model:
@@ -212,6 +226,11 @@ def _audit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             continue
         print(json.dumps(record, sort_keys=True))
     return EXIT_OK
+
+
+def _named(stream: Iterator[dict[str, Any]], chain: str) -> Iterator[dict[str, Any]]:
+    for record in stream:
+        yield {**record, "chain": chain}
 
 
 def _when(parser: argparse.ArgumentParser, text: str | None) -> float | None:
@@ -236,8 +255,8 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.settings import Settings
 
-    overrides: dict[str, Any] = {k: v for k in ("host", "port", "models_dir", "policies_dir", "log_level")
-                                 if (v := getattr(args, k)) is not None}
+    overrides: dict[str, Any] = {k: v for k in ("host", "port", "models_dir", "policies_dir", "log_level",
+                                                 "workers") if (v := getattr(args, k)) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -251,8 +270,24 @@ def _serve(args: argparse.Namespace) -> int:
     # loop="asyncio": under uvloop, at 128 busy connections a few connections waited seconds for
     # their turn (p99 1-2 s at p50 60 ms) while asyncio's loop served them fairly (p99 ~150 ms) at
     # the same throughput; see loadtests/RESULTS.md.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.drain_timeout_s, loop="asyncio", http="httptools")
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+                               "timeout_graceful_shutdown": settings.drain_timeout_s, "loop": "asyncio",
+                               "http": "httptools"}
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return EXIT_OK
+    # Several workers: each is a fresh process that builds its app from the environment, so the
+    # command-line overrides travel there, with the metric directory all of them write to.
+    from gateway.workers import prepare_metrics_dir
+
+    for name, value in overrides.items():
+        os.environ[f"GATEWAY_{name.upper()}"] = str(value)
+    try:
+        prepare_metrics_dir(settings.metrics_dir or settings.state_dir / "metrics")
+    except OSError as exc:
+        print(f"gateway: cannot prepare the metrics directory: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **options)
     return EXIT_OK
 
 

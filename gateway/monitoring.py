@@ -58,7 +58,7 @@ class Monitoring:
         self._sources: dict[tuple[str, str], tuple[object, dict[str, str]]] = {}  # -> (policy, feature -> feed)
         self.dropped: dict[str, int] = {}
         self._first_full_minute = int(clock() // 60) + 1  # the minute we started in was only partly seen
-        metrics.drift_queue_depth.set_function(lambda: sum(q.qsize() for q in self._queues.values()))
+        metrics.sample(metrics.drift_queue_depth, lambda: sum(q.qsize() for q in self._queues.values()))
 
     # --- request path ------------------------------------------------------------------------
 

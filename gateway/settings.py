@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     """Root of the model repository (`<model>/<version>/model.onnx` + card)."""
     policies_dir: Path = Path("policies")
     """Directory of policy files (`*.yaml`), one per model."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """uvicorn worker processes sharing the port. More than one needs `state_store: redis` (the workers
+    share control state through it as replicas do); each worker writes its own audit chain
+    (`<audit_dir>/worker-<n>/`) and metrics are merged across workers (Prometheus multiprocess mode)."""
+    metrics_dir: Path | None = None
+    """With several workers: where they keep their metric files (emptied at start); default
+    `<state_dir>/metrics`."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest accepted request body; larger ones get 413 before they are parsed."""
     max_listed_violations: int = Field(default=100, ge=1, le=10_000)
@@ -92,3 +99,10 @@ class Settings(BaseSettings):
     """Share of requests whose spans are recorded (default: 0 with exporter `none`, 1 otherwise)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway and uvicorn."""
+
+    @model_validator(mode="after")
+    def _workers_share_state(self) -> Settings:
+        if self.workers > 1 and self.state_store != "redis":
+            raise ValueError("workers > 1 needs state_store: redis (the workers share control state through it; "
+                             "with the file store each would keep its own alias table)")
+        return self

@@ -59,7 +59,7 @@ class ShadowMirror:
         queue = self._queues.get(job.model)
         if queue is None:
             queue = self._queues[job.model] = asyncio.Queue(maxsize=capacity)
-            self._metrics.shadow_queue_depth.labels(job.model).set_function(queue.qsize)
+            self._metrics.sample(self._metrics.shadow_queue_depth.labels(job.model), queue.qsize)
             self._workers[job.model] = asyncio.get_running_loop().create_task(self._work(job.model, queue))
         try:
             queue.put_nowait(job)

@@ -1,9 +1,9 @@
 """Several replicas sharing control state through a real Redis server (Debian's redis-server).
 
 Two `gateway serve` processes on loopback with GATEWAY_STATE_STORE=redis: a switch on one is
-served by the other within a second; with Redis stopped, both keep answering inference requests,
-an admin change is refused (not half-applied) and /status says degraded; when Redis is back the
-replicas reconcile and changes flow again.
+served by the other within a second; with Redis stopped and started again under steady traffic, no
+inference request fails, an admin change is refused (not half-applied) and /status says degraded;
+when Redis is back the replicas reconcile and changes flow again.
 """
 
 from __future__ import annotations
@@ -141,20 +141,45 @@ def test_a_switch_on_one_replica_is_served_by_the_other_within_a_second(
 @pytest.mark.e2e
 def test_without_redis_replicas_keep_serving_refuse_changes_and_reconcile_when_it_returns(
         replicas: tuple[RunningServer, RunningServer], redis_server: RedisServer) -> None:
+    import threading
+
     first, second = replicas
-    redis_server.stop()
-    answers = [_version(server) for _ in range(50) for server in (first, second)]
-    assert set(answers) == {"1"}  # every request answered, on the last known state
-    refused = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
-    assert refused.status_code == 503 and "cannot be reached" in refused.json()["error"]
-    assert _version(first) == "1"  # not half-applied
-    _within(3.0, lambda: httpx.get(f"{second.url}/status").json()["server"]["state_store"]["ok"] is False)
-    assert httpx.get(f"{second.url}/status").json()["server"]["degraded"] is True
-    assert "gateway_state_store_up 0.0" in httpx.get(f"{second.url}/metrics").text  # GatewayStateStoreDown
-    redis_server.start()
-    for server in (first, second):
-        _within(5.0, lambda server=server: httpx.get(f"{server.url}/status").json()["server"]["state_store"]["ok"])
-    assert "gateway_state_store_up 1.0" in httpx.get(f"{second.url}/metrics").text
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:  # steady traffic on both replicas through Redis going away and coming back
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                for server in (first, second):
+                    try:
+                        answer = client.post(f"{server.url}/v1/models/{MODEL}:predict",
+                                             json={"instances": [good_row()]})
+                        answers.append((answer.status_code, answer.headers.get("x-model-version", "")))
+                    except httpx.HTTPError as exc:
+                        answers.append((0, repr(exc)))
+
+    sender = threading.Thread(target=load, daemon=True)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        redis_server.stop()
+        refused = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
+        assert refused.status_code == 503 and "cannot be reached" in refused.json()["error"]
+        assert _version(first) == "1"  # not half-applied
+        _within(3.0, lambda: httpx.get(f"{second.url}/status").json()["server"]["state_store"]["ok"] is False)
+        assert httpx.get(f"{second.url}/status").json()["server"]["degraded"] is True
+        assert "gateway_state_store_up 0.0" in httpx.get(f"{second.url}/metrics").text  # GatewayStateStoreDown
+        time.sleep(1.0)
+        redis_server.start()
+        for server in (first, second):
+            _within(5.0, lambda server=server: httpx.get(f"{server.url}/status").json()["server"]["state_store"]["ok"])
+        assert "gateway_state_store_up 1.0" in httpx.get(f"{second.url}/metrics").text
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        sender.join(timeout=15)
+    assert len(answers) > 50
+    assert set(answers) == {(200, "1")}  # every request answered, on the last known state
     switched = httpx.post(f"{first.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
     assert switched.status_code == 200, switched.text
     _within(1.5, lambda: _version(second) == "2")

@@ -1,0 +1,58 @@
+"""Several uvicorn workers in one container: each claims a numbered slot that names its own files.
+
+A worker takes the first free slot by holding an exclusive `flock` on `<state_dir>/workers/<n>.lock`
+for its lifetime; the kernel releases the lock when the process ends, however it ends, so a worker
+that uvicorn starts in place of a dead one takes the dead one's slot and continues its audit chain.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+#: slots tried before giving up (a worker restarted while the old one still exits takes the next one)
+MAX_SLOTS = 256
+
+
+class WorkerSlot:
+    """A claimed slot: its number, held until `release()` or the end of the process."""
+
+    def __init__(self, number: int, handle: IO[bytes]) -> None:
+        self.number = number
+        self._handle = handle
+
+    @property
+    def name(self) -> str:
+        """`worker-<n>`: the sub-directory of this worker's audit chain and event log."""
+        return f"worker-{self.number}"
+
+    def release(self) -> None:
+        """Give the slot back (the next worker to start may take it)."""
+        self._handle.close()
+
+
+def claim_slot(directory: Path) -> WorkerSlot:
+    """Take the lowest-numbered free slot under `directory`; OSError if none of MAX_SLOTS is free."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for number in range(MAX_SLOTS):
+        handle = open(directory / f"{number}.lock", "ab")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return WorkerSlot(number, handle)
+    raise OSError(f"no free worker slot under {directory} (all {MAX_SLOTS} are held)")
+
+
+def prepare_metrics_dir(directory: Path) -> None:
+    """Create the directory of Prometheus' multiprocess mode, remove a previous run's metric files from
+    it (only those: `*.db`), and name it in the environment the workers inherit; the client library
+    reads the variable when it is first imported in each worker."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in directory.glob("*.db"):
+        if entry.is_file():
+            entry.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory.resolve())

@@ -1,0 +1,163 @@
+"""Several uvicorn workers in one container (`gateway serve --workers 2`) sharing a real Redis.
+
+Each worker is its own process: control state flows between them through Redis as between
+replicas, metrics are merged across them (whichever worker answers a scrape reports every worker's
+counts), and each writes its own audit chain that verifies on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.audit import chains, records
+from gateway.cli import main
+from tests.conftest import MODEL, ROOT, RunningServer, good_row
+from tests.test_state_redis import RedisServer, redis_server  # noqa: F401  (the fixture)
+
+TOKEN = "w" * 32
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+PREDICT = f"/v1/models/{MODEL}:predict"
+
+
+def test_several_workers_need_the_shared_state_store(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--workers", "2", "--port", "0"]) == 2
+    assert "workers > 1 needs state_store: redis" in capsys.readouterr().err
+
+
+@pytest.fixture
+def workers(ungated_repo: tuple[Path, Path], redis_server: RedisServer,  # noqa: F811
+            tmp_path: Path) -> Iterator[RunningServer]:
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_STATE_STORE": "redis", "GATEWAY_REDIS_URL": redis_server.url,
+           "GATEWAY_ADMIN_TOKENS": f'[{{"name": "ops", "role": "admin", "token": "{TOKEN}"}}]'}
+    running = RunningServer(*ungated_repo, env=env, state=tmp_path / "state")
+    try:
+        running.wait_live()
+        _within(60.0, lambda: len(_children(running)) == 2 and _both_answer(running))
+        yield running
+    finally:
+        running.stop()
+
+
+def _children(server: RunningServer) -> list[int]:
+    """The worker processes (uvicorn spawns them; multiprocessing's resource tracker is not one)."""
+    found = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], check=False,
+                           capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
+
+
+def _audit_dir(server: RunningServer) -> Path:
+    return server.state.parent / f"{server.state.name}-audit"
+
+
+def _requests_per_chain(server: RunningServer) -> dict[str, int]:
+    return {chain.name: sum(1 for r in records(chain) if r.get("kind") == "request")
+            for chain in chains(_audit_dir(server))}
+
+
+def _both_answer(server: RunningServer) -> bool:
+    """True once both workers answered requests (fresh connections land on either)."""
+    for _ in range(10):
+        httpx.post(server.url + PREDICT, json={"instances": [good_row()]}, timeout=10)
+    return len([n for n in _requests_per_chain(server).values() if n]) == 2
+
+
+def _counted(server: RunningServer, outcome: str = "ok") -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    pattern = re.compile(rf'^gateway_requests_total{{[^}}]*outcome="{outcome}"[^}}]*}} (\S+)$', re.M)
+    return sum(float(value) for value in pattern.findall(text))
+
+
+def _within(seconds: float, condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s")
+
+
+@pytest.mark.e2e
+def test_metrics_add_up_across_workers_whichever_answers_the_scrape(workers: RunningServer) -> None:
+    before = _counted(workers)
+    sent = 40
+    for _ in range(sent):  # a fresh connection each: the kernel hands them to either worker
+        assert httpx.post(workers.url + PREDICT, json={"instances": [good_row()]}, timeout=10).status_code == 200
+    scrapes = {_counted(workers) for _ in range(10)}  # the scrapes, too, land on either worker
+    assert scrapes == {before + sent}
+    text = httpx.get(f"{workers.url}/metrics", timeout=10).text
+    assert "process_resident_memory_bytes" not in text  # one process's view: left out with several workers
+    assert float(re.search(r"^gateway_resident_memory_bytes (\S+)$", text, re.M).group(1)) > 50e6  # type: ignore[union-attr]
+    assert re.search(r'^gateway_model_ready{model="credit-risk"} 1\.0$', text, re.M)
+    assert re.search(r"^gateway_state_store_up 1\.0$", text, re.M)
+
+
+@pytest.mark.e2e
+def test_a_switch_through_one_worker_is_served_by_every_worker_within_a_second(workers: RunningServer) -> None:
+    switched = httpx.post(f"{workers.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
+    assert switched.status_code == 200, switched.text
+    time.sleep(1.0)
+    versions = {httpx.post(workers.url + PREDICT, json={"instances": [good_row()]}, timeout=10)
+                .headers["x-model-version"] for _ in range(30)}
+    assert versions == {"2"}
+    assert _requests_per_chain(workers)  # (both answered: the fixture waited for it)
+
+
+@pytest.mark.e2e
+def test_each_worker_keeps_its_own_audit_chain_and_a_restarted_worker_continues_its_own(
+        workers: RunningServer) -> None:
+    victim = _children(workers)[0]
+    counted = _counted(workers)
+    assert counted > 0
+    os.kill(victim, signal.SIGKILL)  # uvicorn starts another worker, which takes the freed slot
+    _within(60.0, lambda: victim not in _children(workers) and len(_children(workers)) == 2)
+    _within(60.0, lambda: _both_answer(workers))
+    assert _counted(workers) >= counted  # the dead worker's counts are kept: totals never go down
+    workers.stop()
+    audit = _audit_dir(workers)
+    assert [c.name for c in chains(audit)] == ["worker-0", "worker-1"]
+    verified = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", str(audit)],
+                              check=False, capture_output=True, text=True, cwd=ROOT)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.count(": ok: ") == 2
+    shown = subprocess.run([sys.executable, "-m", "gateway", "audit", "show", str(audit), "--kind", "request"],
+                           check=False, capture_output=True, text=True, cwd=ROOT)
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert {line["chain"] for line in lines} == {"worker-0", "worker-1"}
+    assert [line["time"] for line in lines] == sorted(line["time"] for line in lines)  # merged in time order
+
+
+def test_each_worker_takes_the_lowest_free_slot_and_a_freed_slot_is_taken_again(tmp_path: Path) -> None:
+    from gateway.workers import claim_slot
+
+    first, second = claim_slot(tmp_path), claim_slot(tmp_path)
+    assert (first.number, second.number, second.name) == (0, 1, "worker-1")
+    first.release()
+    again = claim_slot(tmp_path)
+    assert again.number == 0  # a restarted worker continues the dead one's chain
+    again.release()
+    second.release()
+
+
+def test_the_audit_chains_of_a_directory_are_its_own_and_its_workers(tmp_path: Path) -> None:
+    assert chains(tmp_path) == []
+    for name in ("worker-10", "worker-2", "worker-x", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "audit-000000000001.jsonl").write_text("")
+    assert [c.name for c in chains(tmp_path)] == [tmp_path.name, "worker-2", "worker-10"]
+
+
+def test_verify_on_a_directory_without_audit_files_says_so(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "verify", str(tmp_path)]) == 0
+    assert "no audit files" in capsys.readouterr().out
