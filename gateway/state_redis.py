@@ -53,6 +53,10 @@ return 0
 """
 
 
+#: seconds of silence after which the watcher's subscription is pinged
+WATCH_HEALTH_CHECK_S = 5
+
+
 class RedisStateStore:
     """Model state in Redis, shared by every replica pointing at the same URL and prefix."""
 
@@ -112,7 +116,8 @@ class RedisStateStore:
                              f"stored; nothing was changed: try again") from None
         except redis.RedisError as exc:
             self.unreachable(exc)
-            raise OSError(f"the shared state store (Redis at {self._where()}) cannot be reached: {exc}") from None
+            failure = "refused the change" if isinstance(exc, redis.ResponseError) else "cannot be reached"
+            raise OSError(f"the shared state store (Redis at {self._where()}) {failure}: {exc}") from None
         self._reached()
 
     def lease(self, name: str, owner: str, ttl_s: float) -> bool:
@@ -146,7 +151,10 @@ class RedisStateStore:
 
     def watcher_client(self) -> aioredis.Redis:
         """An asyncio client for the watcher's subscription."""
-        return aioredis.Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=TIMEOUT_S)
+        # socket_timeout None: a subscription is quiet for long stretches. The health check pings an
+        # idle subscription, so a connection that died silently (no reset) is noticed and replaced.
+        return aioredis.Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=TIMEOUT_S,
+                                       health_check_interval=WATCH_HEALTH_CHECK_S)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -157,9 +165,11 @@ class RedisStateStore:
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
     def unreachable(self, exc: Exception) -> None:
-        """Record that Redis could not be reached (status degraded until the next call that works)."""
+        """Record that Redis could not be reached, or answered with an error (out of memory, a read-only
+        replica): status degraded until the next call that works."""
         if self.ok:
-            log.error("shared state store unreachable (%s): serving the last known state", exc)
+            what = "answered with an error" if isinstance(exc, redis.ResponseError) else "unreachable"
+            log.error("shared state store %s (%s): serving the last known state", what, exc)
             self.since = time.time()
         self.ok, self.error = False, str(exc)
 

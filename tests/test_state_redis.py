@@ -262,3 +262,22 @@ def test_a_breaker_that_trips_on_one_replica_opens_on_the_other(ungated_repo: tu
     finally:
         failing.stop()
         healthy.stop()
+
+
+def test_an_error_reply_is_told_apart_from_an_unreachable_redis(redis_server: RedisServer) -> None:
+    import redis
+
+    store = RedisStateStore(redis_server.url, "t")
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")  # every write is now answered with an OOM error reply
+    state = ModelState(Aliases(stable="2", previous_stable="1"), "abc", None, 123.0)
+    with pytest.raises(OSError, match=r"refused the change: .*maxmemory") as refused:
+        store.save(MODEL, state)
+    assert "cannot be reached" not in str(refused.value)
+    assert store.status()["ok"] is False and "maxmemory" in store.status()["error"]
+    admin.config_set("maxmemory", "0")
+    store.save(MODEL, state)
+    assert store.status()["ok"] is True
+    admin.close()
+    store.close()
