@@ -287,6 +287,7 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"gateway: cannot prepare the metrics directory: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    options["http"] = "gateway.workers:NoDelayHttpToolsProtocol"  # see gateway.workers: Nagle's 40 ms
     uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **options)
     return EXIT_OK
 
