@@ -51,9 +51,19 @@ def workers(ungated_repo: tuple[Path, Path], redis_server: RedisServer,  # noqa:
 
 def _children(server: RunningServer) -> list[int]:
     """The worker processes (uvicorn spawns them; multiprocessing's resource tracker is not one)."""
-    found = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], check=False,
-                           capture_output=True, text=True).stdout
-    return [int(pid) for pid in found.split()]
+    pid = server.process.pid
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    workers = []
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(int(child))
+        except OSError:
+            continue  # ended meanwhile
+    return workers
 
 
 def _audit_dir(server: RunningServer) -> Path:
