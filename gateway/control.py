@@ -109,6 +109,8 @@ class ReleaseControl:
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.rollouts: dict[str, RolloutState | None] = {}
         self._seen_at: dict[str, float] = {}
+        self.unloaded: dict[str, tuple[str, ...]] = {}
+        """Per model, the versions an admin unloaded (shared with every replica through the store)."""
         """Per model, the `updated_at` of the stored state this replica last wrote or adopted."""
         self._stable_files: dict[tuple[str, str], str] = {}
         """(model, version) -> sha256 of the file that served as stable: a switch back to the previous
@@ -144,13 +146,15 @@ class ReleaseControl:
             if stored is not None:
                 self._seen_at[name] = stored.updated_at
             if stored is not None and stored.routing_hash == declared:
-                models[name] = model.with_aliases(stored.aliases, "state")
+                models[name] = _unloading(model.with_aliases(stored.aliases, "state"), stored.unloaded)
                 self.rollouts[name] = stored.rollout
+                self.unloaded[name] = stored.unloaded
                 continue
             if stored is not None:
                 self.record("system", name, "policy_routing_changed", asdict(stored.aliases),
                             asdict(model.aliases), reason="the policy's routing section changed: it wins")
             self.rollouts[name] = None
+            self.unloaded[name] = ()  # the policy's routing wins, with every version it may route to
             fresh = ModelState(model.aliases, declared, None, self._clock())
             try:
                 self.store.save(name, fresh, stored.updated_at if stored is not None else None)
@@ -180,37 +184,52 @@ class ReleaseControl:
                 log.warning("shared state of %s was written under another policy routing; keeping this "
                             "replica's policy", model)
                 return
-            missing = [v for v in (stored.aliases.stable, stored.aliases.canary, stored.aliases.shadow)
-                       if v is not None and v not in current.served]
-            if missing:
-                log.error("shared state of %s routes to versions this replica does not serve (%s); keeping "
-                          "its own aliases", model, ", ".join(missing))
-                return
-            if stored.aliases == current.aliases and stored.rollout == self.rollouts.get(model):
-                return
-            if stored.aliases == current.aliases:  # rollout progress only: no new snapshot to publish
-                self.rollouts[model] = stored.rollout
-                if self.on_adopted is not None:
-                    self.on_adopted(model)
-                return
-            snapshot = self._get()
-            self._publish(replace(snapshot, models={**snapshot.models,
-                                                    model: current.with_aliases(stored.aliases, "state")}))
+            wanted = [v for v in sorted(current.versions, key=version_key)
+                      if v not in stored.unloaded and v not in current.served
+                      and current.version_reasons.get(v) == "unloaded"]
+            if wanted:  # loaded again elsewhere: load here before aliases may route to them
+                await self._load_locked(current, wanted, "state-store", "another replica's load")
+            self._adopt_aliases_locked(model, stored)
+            self.unloaded[model] = stored.unloaded
+            current = self._get().models[model]
+            gone = [v for v in stored.unloaded if v in current.served and not current.aliases.referencing(v)]
+            if gone:
+                self._unload_locked(current, gone, "state-store", "another replica's unload")
+
+    def _adopt_aliases_locked(self, model: str, stored: ModelState) -> None:
+        current = self._get().models[model]
+        missing = [v for v in (stored.aliases.stable, stored.aliases.canary, stored.aliases.shadow)
+                   if v is not None and v not in current.served]
+        if missing:
+            log.error("shared state of %s routes to versions this replica does not serve (%s); keeping "
+                      "its own aliases", model, ", ".join(missing))
+            return
+        if stored.aliases == current.aliases and stored.rollout == self.rollouts.get(model):
+            return
+        if stored.aliases == current.aliases:  # rollout progress only: no new snapshot to publish
             self.rollouts[model] = stored.rollout
-            self._note_stable(current, stored.aliases)
-            if self._on_change is not None:
-                self._on_change(model, "synced")
-            self.record("state-store", model, "synced", asdict(current.aliases), asdict(stored.aliases),
-                        reason="another replica's change, from the shared state store")
             if self.on_adopted is not None:
                 self.on_adopted(model)
+            return
+        snapshot = self._get()
+        self._publish(replace(snapshot, models={**snapshot.models,
+                                                model: current.with_aliases(stored.aliases, "state")}))
+        self.rollouts[model] = stored.rollout
+        self._note_stable(current, stored.aliases)
+        if self._on_change is not None:
+            self._on_change(model, "synced")
+        self.record("state-store", model, "synced", asdict(current.aliases), asdict(stored.aliases),
+                    reason="another replica's change, from the shared state store")
+        if self.on_adopted is not None:
+            self.on_adopted(model)
 
     async def _restore_locked(self, current: ServedModel) -> None:
         """A shared store that answers but has lost this model's state (a Redis restarted without its
         data): write back what this replica knows, so a replica starting next does not reset the fleet."""
         if not self.store.status()["ok"] or current.name not in self._seen_at:
             return
-        state = ModelState(current.aliases, _routing_of(current), self.rollouts.get(current.name), self._clock())
+        state = ModelState(current.aliases, _routing_of(current), self.rollouts.get(current.name), self._clock(),
+                           self.unloaded.get(current.name, ()))
         try:
             await asyncio.to_thread(self.store.save, current.name, state, None)
         except (OSError, StaleState) as exc:  # another replica restored it first, or the store went away
@@ -348,9 +367,9 @@ class ReleaseControl:
     # --- runtime load / unload ---------------------------------------------------------------
 
     async def load(self, model: str, versions: list[str] | None, actor: str) -> Change:
-        """Load (verify, warm up) versions found on disk; by default every one not serving yet."""
+        """Load (verify, warm up) versions found on disk; by default every one not serving yet. Versions
+        an admin had unloaded are taken off the shared list first, so every replica loads them too."""
         async with self.lock:
-            started = time.perf_counter()
             snapshot = self._get()
             current = snapshot.models.get(model)
             on_disk = self._repository.discover().get(model, [])
@@ -362,38 +381,48 @@ class ReleaseControl:
                 raise ClientError(f"versions {missing} of {model!r} are not in the model repository")
             if current is None:
                 raise Conflict(f"model {model!r} appeared after start; restart to serve a new model")
-            entries = await asyncio.gather(*(asyncio.to_thread(self._repository.load_version, model, v)
-                                             for v in wanted))
-            versions_map = dict(current.versions)
-            served = dict(current.served)
-            reasons = dict(current.version_reasons)
-            loaded, refused = [], {}
-            for entry in entries:
-                candidate, why = self._serve(current, entry)
-                if candidate is not None:
-                    versions_map[entry.version] = entry
-                    served[entry.version] = candidate
-                    reasons.pop(entry.version, None)
-                    loaded.append(entry.version)
-                else:  # a failed reload leaves a serving version as it was
-                    refused[entry.version] = why
-                    if entry.version not in served:
-                        versions_map[entry.version] = entry
-                        reasons[entry.version] = why
-            new_model = replace(current, versions=versions_map, served=served, version_reasons=reasons)
-            self._publish(replace(self._get(), models={**self._get().models, model: new_model}))
-            took = (time.perf_counter() - started) * 1000
-            change = Change(model, "load", {"serving": sorted(current.served, key=version_key)},
-                            {"serving": sorted(served, key=version_key), "loaded": loaded, "refused": refused}, took)
-            self.record(actor, model, "load", change.before, change.after)
-            if refused and not loaded:
-                raise Conflict(f"refused: {refused}")
+            unloaded = tuple(v for v in self.unloaded.get(model, ()) if v not in wanted)
+            if unloaded != self.unloaded.get(model, ()):
+                await self._save_locked(current, current.aliases, self.rollouts.get(model), unloaded)
+            change = await self._load_locked(current, wanted, actor)
+            if change.after["refused"] and not change.after["loaded"]:
+                raise Conflict(f"refused: {change.after['refused']}")
             return change
 
+    async def _load_locked(self, current: ServedModel, wanted: list[str], actor: str, reason: str = "") -> Change:
+        started = time.perf_counter()
+        model = current.name
+        entries = await asyncio.gather(*(asyncio.to_thread(self._repository.load_version, model, v)
+                                         for v in wanted))
+        current = self._get().models[model]
+        versions_map = dict(current.versions)
+        served = dict(current.served)
+        reasons = dict(current.version_reasons)
+        loaded, refused = [], {}
+        for entry in entries:
+            candidate, why = self._serve(current, entry)
+            if candidate is not None:
+                versions_map[entry.version] = entry
+                served[entry.version] = candidate
+                reasons.pop(entry.version, None)
+                loaded.append(entry.version)
+            else:  # a failed reload leaves a serving version as it was
+                refused[entry.version] = why
+                if entry.version not in served:
+                    versions_map[entry.version] = entry
+                    reasons[entry.version] = why
+        new_model = replace(current, versions=versions_map, served=served, version_reasons=reasons)
+        self._publish(replace(self._get(), models={**self._get().models, model: new_model}))
+        took = (time.perf_counter() - started) * 1000
+        change = Change(model, "load", {"serving": sorted(current.served, key=version_key)},
+                        {"serving": sorted(served, key=version_key), "loaded": loaded, "refused": refused}, took)
+        self.record(actor, model, "load", change.before, change.after, reason=reason)
+        return change
+
     async def unload(self, model: str, versions: list[str] | None, actor: str) -> Change:
-        """Stop serving versions; refused for any version an alias points at."""
+        """Stop serving versions; refused for any version an alias points at. With a shared store every
+        replica stops serving them (and a replica started later does not serve them either)."""
         async with self.lock:
-            started = time.perf_counter()
             current = self._model(model)
             targets = versions or sorted(current.versions, key=version_key)
             for v in targets:
@@ -403,15 +432,20 @@ class ReleaseControl:
                     raise Conflict(f"version {v!r} of {model!r} is {' and '.join(held)}; switch or clear the "
                                    f"alias first" + ("" if versions else " (or unload a single version: "
                                                                             "?version=N)"))
-            served = {v: s for v, s in current.served.items() if v not in targets}
-            reasons = {**current.version_reasons, **{v: "unloaded" for v in targets}}
-            new_model = replace(current, served=served, version_reasons=reasons)
-            self._publish(replace(self._get(), models={**self._get().models, model: new_model}))
-            took = (time.perf_counter() - started) * 1000
-            change = Change(model, "unload", {"serving": sorted(current.served, key=version_key)},
-                            {"serving": sorted(served, key=version_key)}, took)
-            self.record(actor, model, "unload", change.before, change.after)
-            return change
+            unloaded = tuple(sorted({*self.unloaded.get(model, ()), *targets}, key=version_key))
+            if unloaded != self.unloaded.get(model, ()):
+                await self._save_locked(current, current.aliases, self.rollouts.get(model), unloaded)
+            return self._unload_locked(current, targets, actor)
+
+    def _unload_locked(self, current: ServedModel, targets: list[str], actor: str, reason: str = "") -> Change:
+        started = time.perf_counter()
+        new_model = _unloading(current, targets)
+        self._publish(replace(self._get(), models={**self._get().models, current.name: new_model}))
+        took = (time.perf_counter() - started) * 1000
+        change = Change(current.name, "unload", {"serving": sorted(current.served, key=version_key)},
+                        {"serving": sorted(new_model.served, key=version_key)}, took)
+        self.record(actor, current.name, "unload", change.before, change.after, reason=reason)
+        return change
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -424,7 +458,29 @@ class ReleaseControl:
         if end_rollout and state_rollout is not None and state_rollout.active:
             status, _, why = end_rollout.partition(": ")
             state_rollout = replace(state_rollout, status=status, reason=why)
-        state = ModelState(aliases, _routing_of(current), state_rollout, self._clock())
+        await self._save_locked(current, aliases, state_rollout, self.unloaded.get(name, ()))
+        stored_ms = (time.perf_counter() - started) * 1000
+        swap_started = time.perf_counter()
+        snapshot = self._get()
+        self._publish(replace(snapshot, models={**snapshot.models, name: current.with_aliases(aliases, "state")}))
+        swap_us = (time.perf_counter() - swap_started) * 1e6
+        self.rollouts[name] = state_rollout
+        self._note_stable(current, aliases)
+        took = (time.perf_counter() - started) * 1000
+        before, after = asdict(current.aliases), asdict(aliases)
+        if self._on_change is not None:
+            self._on_change(name, action)
+        self.record(actor, name, action, before, after, reason=reason,
+                    timing={"took_ms": round(took, 3), "stored_ms": round(stored_ms, 3), "swap_us": round(swap_us, 1)},
+                    extra=extra)
+        return Change(name, action, before, after, round(took, 3), dict(extra or {}))
+
+    async def _save_locked(self, current: ServedModel, aliases: Aliases, rollout: RolloutState | None,
+                           unloaded: tuple[str, ...]) -> None:
+        """Store a model's new state (Conflict when another replica changed it first, StoreFailed when it
+        cannot be stored: nothing changed either way)."""
+        name = current.name
+        state = ModelState(aliases, _routing_of(current), rollout, self._clock(), unloaded)
         try:
             if self.store.shared:  # a network store may hang up to its timeout: never on the loop
                 await asyncio.to_thread(self.store.save, name, state, self._seen_at.get(name))
@@ -436,22 +492,8 @@ class ReleaseControl:
             raise Conflict(str(exc)) from None
         except OSError as exc:
             raise StoreFailed(f"cannot store the change ({exc}); nothing was changed") from None
-        stored_ms = (time.perf_counter() - started) * 1000
-        swap_started = time.perf_counter()
-        snapshot = self._get()
-        self._publish(replace(snapshot, models={**snapshot.models, name: current.with_aliases(aliases, "state")}))
-        swap_us = (time.perf_counter() - swap_started) * 1e6
-        self.rollouts[name] = state_rollout
         self._seen_at[name] = state.updated_at
-        self._note_stable(current, aliases)
-        took = (time.perf_counter() - started) * 1000
-        before, after = asdict(current.aliases), asdict(aliases)
-        if self._on_change is not None:
-            self._on_change(name, action)
-        self.record(actor, name, action, before, after, reason=reason,
-                    timing={"took_ms": round(took, 3), "stored_ms": round(stored_ms, 3), "swap_us": round(swap_us, 1)},
-                    extra=extra)
-        return Change(name, action, before, after, round(took, 3), dict(extra or {}))
+        self.unloaded[name] = unloaded
 
     def record(self, actor: str, model: str, action: str, before: Any, after: Any, reason: str = "",
                timing: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> None:
@@ -501,6 +543,16 @@ def _why_not(reports: list[dict[str, Any]], version: str, model_sha: str, policy
         return (f" (report {other_file['sha256'][:12]} passed for another model file, "
                 f"{other_file['model_sha256'][:12]})")
     return ""
+
+
+def _unloading(model: ServedModel, versions: tuple[str, ...] | list[str]) -> ServedModel:
+    """The model without the given versions serving (reason `unloaded`); aliases' versions are kept."""
+    targets = [v for v in versions if v in model.versions and not model.aliases.referencing(v)]
+    if not targets:
+        return model
+    served = {v: s for v, s in model.served.items() if v not in targets}
+    return replace(model, served=served, version_reasons={**model.version_reasons, **dict.fromkeys(targets,
+                                                                                                   "unloaded")})
 
 
 def _routing_of(model: ServedModel) -> str:

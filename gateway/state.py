@@ -81,6 +81,8 @@ class ModelState:
     routing_hash: str
     rollout: RolloutState | None = None
     updated_at: float = 0.0
+    unloaded: tuple[str, ...] = ()
+    """Versions an admin unloaded (repository API): not served by any replica until loaded again."""
 
 
 def routing_hash(routing: dict[str, Any]) -> str:
@@ -96,6 +98,7 @@ def encode_state(state: ModelState) -> bytes:
         "rollout": {**asdict(state.rollout), "steps": list(state.rollout.steps),
                     "history": list(state.rollout.history)} if state.rollout else None,
         "updated_at": state.updated_at,
+        "unloaded": sorted(state.unloaded),
     }
     return json.dumps(payload, indent=2, sort_keys=True).encode()
 
@@ -112,6 +115,7 @@ def decode_state(data: bytes | str) -> ModelState:
         rollout=RolloutState(**{**rollout, "steps": tuple(rollout["steps"]),
                                 "history": tuple(rollout.get("history", ()))}) if rollout else None,
         updated_at=float(payload.get("updated_at", 0.0)),
+        unloaded=tuple(str(v) for v in payload.get("unloaded", ())),
     )
 
 

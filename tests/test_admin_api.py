@@ -460,6 +460,15 @@ def test_unload_and_load_a_version(gw: Gateway) -> None:
     assert all(e["actor"] == "ada" for e in gw.events())
 
 
+def test_an_unload_is_kept_across_a_restart_until_the_version_is_loaded_again(gw: Gateway) -> None:
+    gw.call("POST", f"{REPO}/unload?version=2", token=ADMIN)
+    gw.restart()  # the unload is control state, like the aliases: the version stays out
+    assert gw.index()["2"] == {"name": MODEL, "version": "2", "state": "UNAVAILABLE", "reason": "unloaded"}
+    gw.call("POST", f"{REPO}/load?version=2", token=ADMIN)
+    gw.restart()
+    assert gw.index()["2"] == {"name": MODEL, "version": "2", "state": "READY"}
+
+
 def test_unloaded_version_without_a_fallback_is_503(repo_copy: tuple[Path, Path], tmp_path: Path) -> None:
     models, policies = repo_copy
     edit_policy(policies, lambda p: p.pop("fallback"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ ROLLOUT = RolloutState(
 )
 FULL = ModelState(
     aliases=Aliases(stable="2", previous_stable="1", canary="3", canary_percent=12.5, shadow="1", shadow_percent=40.0),
-    routing_hash="0123456789abcdef", rollout=ROLLOUT, updated_at=1_700_000_100.75,
+    routing_hash="0123456789abcdef", rollout=ROLLOUT, updated_at=1_700_000_100.75, unloaded=("4",),
 )
 OLD = ModelState(Aliases(stable="1"), "fedcba9876543210", None, 1.0)
 
@@ -42,6 +43,14 @@ def test_round_trip_keeps_aliases_and_rollout_with_history(tmp_path: Path) -> No
     assert loaded.rollout.history[0]["canary"] == {"requests": 120, "errors": 0}
     assert isinstance(loaded.rollout.steps, tuple) and isinstance(loaded.rollout.history, tuple)
     assert store.path(MODEL) == tmp_path / "state" / f"{MODEL}.state.json"
+
+
+def test_a_state_written_before_unloads_were_kept_reads_as_nothing_unloaded() -> None:
+    from gateway.state import decode_state, encode_state
+
+    payload = json.loads(encode_state(FULL))
+    del payload["unloaded"]
+    assert decode_state(json.dumps(payload)) == replace(FULL, unloaded=())
 
 
 def test_round_trip_without_rollout_and_overwrite(tmp_path: Path) -> None:

@@ -138,6 +138,47 @@ def test_a_switch_on_one_replica_is_served_by_the_other_within_a_second(
     assert any(e["action"] == "synced" and e["after"]["stable"] == "2" for e in events)
 
 
+def _serves(server: RunningServer, version: str) -> bool:
+    return httpx.get(f"{server.url}/v2/models/{MODEL}/versions/{version}/ready", timeout=10).status_code == 200
+
+
+@pytest.mark.e2e
+def test_an_unload_on_one_replica_holds_on_every_replica_and_on_one_started_later(
+        replicas: tuple[RunningServer, RunningServer], ungated_repo: tuple[Path, Path], redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    first, second = replicas
+    assert _serves(first, "2") and _serves(second, "2")
+    unloaded = httpx.post(f"{first.url}/v2/repository/models/{MODEL}/unload?version=2", headers=ADMIN)
+    assert unloaded.status_code == 200, unloaded.text
+    _within(1.5, lambda: not _serves(second, "2"))
+    index = httpx.post(f"{second.url}/v2/repository/index", json={}, headers=ADMIN).json()
+    assert index == [{"name": MODEL, "version": "1", "state": "READY"},
+                     {"name": MODEL, "version": "2", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    env = {"GATEWAY_STATE_STORE": "redis", "GATEWAY_REDIS_URL": redis_server.url}
+    third = RunningServer(*ungated_repo, env=env, state=tmp_path / "state-3")
+    try:
+        third.wait_live()
+        assert not _serves(third, "2") and _serves(third, "1")  # the fleet's unload holds for a newcomer
+        loaded = httpx.post(f"{second.url}/v2/repository/models/{MODEL}/load?version=2", headers=ADMIN)
+        assert loaded.status_code == 200, loaded.text
+        for server in (first, third):
+            _within(5.0, lambda server=server: _serves(server, "2"))  # loading takes a moment on each
+    finally:
+        third.stop()
+    events = httpx.get(f"{second.url}/admin/events", headers=ADMIN).json()["events"]
+    assert any(e["action"] == "unload" and e["actor"] == "state-store" for e in events)
+
+
+@pytest.mark.e2e
+def test_an_unload_that_cannot_be_stored_is_refused_and_changes_nothing(
+        replicas: tuple[RunningServer, RunningServer], redis_server: RedisServer) -> None:
+    first, _ = replicas
+    redis_server.stop()
+    refused = httpx.post(f"{first.url}/v2/repository/models/{MODEL}/unload?version=2", headers=ADMIN)
+    assert refused.status_code == 503 and "cannot be reached" in refused.json()["error"]
+    assert _serves(first, "2")
+
+
 @pytest.mark.e2e
 def test_without_redis_replicas_keep_serving_refuse_changes_and_reconcile_when_it_returns(
         replicas: tuple[RunningServer, RunningServer], redis_server: RedisServer) -> None:
