@@ -193,7 +193,11 @@ def test_a_replica_does_not_adopt_a_stable_version_it_does_not_serve(
     async def scenario() -> None:
         async with _replica(ungated_repo, redis_server.url, tmp_path, "a") as a, \
                 _replica(ungated_repo, redis_server.url, tmp_path, "b") as b:
-            await b.control.unload(MODEL, ["2"], "ops-b")  # not shared: only B stops serving 2
+            # a fault injected on B only: its version 2 did not load (say, another file on its disk)
+            model = b.snapshot.models[MODEL]
+            b.publish(replace(b.snapshot, models={**b.snapshot.models, MODEL: replace(
+                model, served={v: s for v, s in model.served.items() if v != "2"},
+                version_reasons={**model.version_reasons, "2": "refused: not the card's file"})}))
             await a.control.switch(MODEL, "2", "ops-a")
             await b.control.apply_shared(MODEL)
             served = b.snapshot.models[MODEL]
