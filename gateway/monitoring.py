@@ -181,6 +181,9 @@ class Monitoring:
         volume = self._volume(model_name, policy)
         self._metrics.requests_per_minute.labels(model_name).set(volume["last_minute"] or 0)
         self._metrics.volume_anomaly.labels(model_name).set(1 if volume["state"] == "anomaly" else 0)
+        for bound, value in zip(("min", "max"), volume["band"], strict=True):
+            if value is not None:
+                self._metrics.volume_band.labels(model_name, bound).set(value)
         queue = self._queues.get(model_name)
         return {"model": model_name, "versions": versions, "volume": volume,
                 "queued_batches": queue.qsize() if queue else 0, "dropped_batches": self.dropped.get(model_name, 0)}

@@ -359,7 +359,8 @@ class DriftRule(_Policy):
 
 
 class Volume(_Policy):
-    """Expected requests per minute; outside the band is an anomaly."""
+    """Expected requests per minute for the model as a whole (every replica and worker together: the
+    bundled alert judges the sum); outside the band is an anomaly."""
 
     min_per_minute: float | None = Field(default=None, ge=0)
     """Fewer requests than this in the last full minute is an anomaly."""

@@ -140,8 +140,14 @@ class Metrics:
         self.requests_per_minute = Gauge(
             "gateway_requests_per_minute", "Inference requests in the last full minute.", ["model"],
             registry=self.registry, multiprocess_mode="livesum")
+        self.volume_band = Gauge(
+            "gateway_volume_band", "The policy's drift.volume band for the model's total traffic, in requests "
+            "per minute (bound: min or max); the GatewayVolumeAnomaly alert compares it with the sum of "
+            "gateway_requests_per_minute over every replica.", ["model", "bound"], registry=self.registry,
+            multiprocess_mode="livemax")
         self.volume_anomaly = Gauge(
-            "gateway_volume_anomaly", "1 when the last full minute's volume is outside the policy's band.",
+            "gateway_volume_anomaly", "1 when this process's last full minute is outside the policy's band "
+            "(with several replicas or workers, the alert judges their sum instead).",
             ["model"], registry=self.registry, multiprocess_mode="livemax")
         self.feedback_labels = Counter(
             "gateway_feedback_labels", "Delayed labels joined to a prediction.", ["model", "version"],

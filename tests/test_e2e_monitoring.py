@@ -366,6 +366,8 @@ def test_volume_state_follows_the_last_full_minute(
     second = volume_at(monitor, clock, 61.0, requests=7)
     assert second == {"last_minute": 3, "this_minute": 7, "band": [2, 5], "state": "ok"}
     assert gauges() == (3.0, 0.0)
+    for bound, value in (("min", 2.0), ("max", 5.0)):  # the band, for the alert on the sum over replicas
+        assert metrics.registry.get_sample_value("gateway_volume_band", {"model": MODEL, "bound": bound}) == value
     third = volume_at(monitor, clock, 125.0)  # minute 1 had 7 > 5
     assert third == {"last_minute": 7, "this_minute": 0, "band": [2, 5], "state": "anomaly"}
     assert gauges() == (7.0, 1.0)
