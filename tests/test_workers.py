@@ -215,3 +215,23 @@ def test_connections_accepted_by_workers_send_at_once_without_waiting_for_acks()
     # instead of 2 ms with two workers)
     assert _nodelay_of_accepted_connection(HttpToolsProtocol) == 0
     assert _nodelay_of_accepted_connection(NoDelayHttpToolsProtocol) == 1
+
+
+def test_a_staging_gateway_never_inherits_the_shared_store_or_the_workers(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A readiness run started through a production worker must not write production's shared state
+    (its rehearsal switches and rolls back) nor split its audit into worker chains."""
+    from gateway.readiness.staging import StagingGateway
+    from tests.conftest import MODELS, POLICIES
+
+    monkeypatch.setenv("GATEWAY_STATE_STORE", "redis")
+    monkeypatch.setenv("GATEWAY_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.setenv("GATEWAY_WORKERS", "2")
+    monkeypatch.setenv("GATEWAY_METRICS_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    with StagingGateway(MODELS, POLICIES) as staging:
+        status = httpx.get(f"{staging.url}/status", timeout=10).json()
+        assert status["server"]["state_store"]["kind"] == "file" and status["server"]["degraded"] is False
+        assert "process_resident_memory_bytes" in httpx.get(f"{staging.url}/metrics", timeout=10).text
+        audit_dir = staging.audit_dir
+        assert not (audit_dir / "worker-0").exists()

@@ -28,7 +28,11 @@ from loadtests.common import free_port
 #: how long the staging gateway may take to load and warm up every model
 START_TIMEOUT_S = 120.0
 #: environment variables a staging gateway does not inherit
-PRIVATE_SETTINGS = ("OTEL_", "GATEWAY_TRACE_", "GATEWAY_READINESS_", "GATEWAY_AUDIT_HMAC_KEY", "GATEWAY_TOKEN")
+PRIVATE_SETTINGS = ("OTEL_", "GATEWAY_TRACE_", "GATEWAY_READINESS_", "GATEWAY_AUDIT_HMAC_KEY", "GATEWAY_TOKEN",
+                    "GATEWAY_REDIS_", "GATEWAY_STATE_STORE", "GATEWAY_WORKERS", "GATEWAY_METRICS_DIR",
+                    "PROMETHEUS_MULTIPROC_DIR")
+"""Settings staging must not inherit: production's secrets, span sink and report store, and its shared
+state (a rehearsal on staging switches and rolls back: never on production's Redis) and workers."""
 
 
 class StagingError(Exception):
@@ -72,6 +76,7 @@ class StagingGateway:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_SETTINGS)}
         env = {**inherited, "GATEWAY_STATE_DIR": str(self.state_dir), "GATEWAY_AUDIT_DIR": str(self.audit_dir),
                "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_ALLOW_FAULT_INJECTION": "false",
+               "GATEWAY_STATE_STORE": "file", "GATEWAY_WORKERS": "1",
                "GATEWAY_ADMIN_TOKENS": json.dumps([{"name": "readiness", "role": "admin", "token": self.token}]),
                **self.extra_env}
         command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(self.port),
