@@ -41,9 +41,9 @@ from gateway.shadow import ShadowMirror
 from gateway.state import ControlStateStore, StateStore
 from gateway.state_redis import RedisStateStore, StateWatcher
 from gateway.stats import TrafficStats
-from gateway.telemetry import BREAKER_CODES, SAMPLE_INTERVAL_S, Metrics
+from gateway.telemetry import BREAKER_CODES, SAMPLE_INTERVAL_S, Metrics, multiprocess_dir
 from gateway.tracing import make_tracer, never_sampled
-from gateway.workers import WorkerSlot, claim_slot
+from gateway.workers import WorkerSlot, claim_slot, hold_single_writer
 
 log = logging.getLogger("gateway")
 
@@ -54,14 +54,17 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.version = __version__
-        self.slot: WorkerSlot | None = claim_slot(settings.state_dir / "workers") if settings.workers > 1 else None
+        self.slot: WorkerSlot | None = claim_slot(settings.audit_dir) if settings.workers > 1 else None
         """This worker's slot when several share the port: it names its audit chain and event log."""
+        self._writer_lock = hold_single_writer(settings.audit_dir) if self.slot is None else None
         worker = self.slot.name if self.slot is not None else ""
 
         def own(path: Path) -> Path:
             return path / worker if worker else path
 
-        self.metrics = Metrics()
+        self.metrics = Metrics(multiprocess_dir() if settings.workers > 1 else None)
+        self.state_store = _state_store(settings)
+        self.metrics.sample(self.metrics.state_store_up, lambda: 1.0 if self.state_store.status()["ok"] else 0.0)
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads,
                                            thread_name_prefix="inference")
         self.repository = ModelRepository(
@@ -86,9 +89,8 @@ class Gateway:
         self.readiness_runs = ReadinessRunner(
             settings.models_dir.resolve(), settings.policies_dir.resolve(), self.reports.directory.resolve(),
             on_report=lambda actor, summary: self.control.record(actor, str(summary["model"]), "readiness_report",
-                                                                 None, summary))
+                                                                 None, summary), lock_dir=settings.state_dir)
         """Checklist runs started through the admin API (one at a time, in a child process)."""
-        self.state_store = _state_store(settings)
         self.state_watcher: StateWatcher | None = None
         self.control = ReleaseControl(lambda: self.snapshot, self.publish, self.state_store,
                                       self.repository, self._serve_version, own(settings.state_dir) / "events.jsonl",
@@ -97,7 +99,6 @@ class Gateway:
         self.rollouts = RolloutController(self.control, self.stats, self.metrics, self._rollout_plan,
                                           drift_state=self.monitor.drift_state)
         self.control.on_adopted = self.rollouts.adopted
-        self.metrics.sample(self.metrics.state_store_up, lambda: 1.0 if self.state_store.status()["ok"] else 0.0)
         self.tokens = TokenBook(settings.admin_tokens)
         self.audit: AuditWriter = AuditWriter(own(settings.audit_dir), settings.audit_queue, settings.audit_fsync,
                                  settings.audit_fsync_interval_s, settings.audit_max_file_bytes,
@@ -209,6 +210,8 @@ class Gateway:
         self.close()
         if self.slot is not None:
             self.slot.release()
+        if self._writer_lock is not None:
+            self._writer_lock.close()
 
     def close(self) -> None:
         """Stop the worker threads (after in-flight runs finish) and close the audit file."""

@@ -253,6 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.locks import DirectoryBusy
     from gateway.settings import Settings
 
     overrides: dict[str, Any] = {k: v for k in ("host", "port", "models_dir", "policies_dir", "log_level",
@@ -274,7 +275,12 @@ def _serve(args: argparse.Namespace) -> int:
                                "timeout_graceful_shutdown": settings.drain_timeout_s, "loop": "asyncio",
                                "http": "httptools"}
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        try:
+            app = create_app(settings)
+        except DirectoryBusy as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        uvicorn.run(app, **options)
         return EXIT_OK
     # Several workers: each is a fresh process that builds its app from the environment, so the
     # command-line overrides travel there, with the metric directory all of them write to.
@@ -283,12 +289,15 @@ def _serve(args: argparse.Namespace) -> int:
     for name, value in overrides.items():
         os.environ[f"GATEWAY_{name.upper()}"] = str(value)
     try:
-        prepare_metrics_dir(settings.metrics_dir or settings.state_dir / "metrics")
+        metrics_lock = prepare_metrics_dir(settings.metrics_dir or settings.state_dir / "metrics")
     except OSError as exc:
-        print(f"gateway: cannot prepare the metrics directory: {exc}", file=sys.stderr)
+        print(f"gateway: cannot use the metrics directory: {exc}", file=sys.stderr)
         return EXIT_USAGE
     options["http"] = "gateway.workers:NoDelayHttpToolsProtocol"  # see gateway.workers: Nagle's 40 ms
-    uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **options)
+    try:
+        uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **options)
+    finally:
+        metrics_lock.close()
     return EXIT_OK
 
 

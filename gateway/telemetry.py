@@ -57,8 +57,9 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
-        self.multiprocess_dir = multiprocess_dir()
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        """Merge every worker's metrics from this directory (None: this process's own, in memory)."""
         self.registry = CollectorRegistry(auto_describe=True)
         if self.multiprocess_dir is None:
             ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
@@ -165,8 +166,8 @@ class Metrics:
             "gateway_shadow_queue_depth", "Mirrored requests waiting for the shadow.", ["model"],
             registry=self.registry, multiprocess_mode="livesum")
         self.audit_backlog = Gauge(
-            "gateway_audit_backlog", "Audit records waiting to be written.",
-            registry=self.registry, multiprocess_mode="livesum")
+            "gateway_audit_backlog", "Audit records waiting to be written (the fullest worker's queue).",
+            registry=self.registry, multiprocess_mode="livemax")
         self.audit_records = Counter(
             "gateway_audit_records", "Audit records by outcome (written, dropped, rejected).",
             ["outcome"], registry=self.registry)
@@ -212,6 +213,8 @@ class Metrics:
             gauge.set_function(value)
         else:
             self._samplers.append((gauge, value))
+            with contextlib.suppress(Exception):  # now: a starting worker must not export a made-up 0
+                gauge.set(value())
 
     def refresh(self) -> None:
         """Multiprocess mode: write the sampled gauges, and drop the live gauges of workers that died."""

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import socket
 from pathlib import Path
 from typing import IO
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.locks import DirectoryBusy, hold
 
 #: slots tried before giving up (a worker restarted while the old one still exits takes the next one)
 MAX_SLOTS = 256
@@ -44,28 +45,34 @@ class WorkerSlot:
 
 
 def claim_slot(directory: Path) -> WorkerSlot:
-    """Take the lowest-numbered free slot under `directory`; OSError if none of MAX_SLOTS is free."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Take the lowest-numbered free worker slot of the audit directory `directory` (its chain is
+    `directory/worker-<n>/`); OSError if none of MAX_SLOTS is free."""
     for number in range(MAX_SLOTS):
-        handle = open(directory / f"{number}.lock", "ab")  # noqa: SIM115 - held for the process's life
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
+            return WorkerSlot(number, hold(directory, f".worker-{number}.lock", "slot taken"))
+        except DirectoryBusy:
             continue
-        return WorkerSlot(number, handle)
-    raise OSError(f"no free worker slot under {directory} (all {MAX_SLOTS} are held)")
+    raise OSError(f"no free worker slot in {directory} (all {MAX_SLOTS} are held)")
 
 
-def prepare_metrics_dir(directory: Path) -> None:
-    """Create the directory of Prometheus' multiprocess mode, remove a previous run's metric files from
-    it (only those: `*.db`), and name it in the environment the workers inherit; the client library
-    reads the variable when it is first imported in each worker."""
-    directory.mkdir(parents=True, exist_ok=True)
+def hold_single_writer(directory: Path) -> IO[bytes]:
+    """One gateway process writes the audit chain in `directory`: two would interleave and break it."""
+    return hold(directory, ".writer.lock", "is written by another gateway process: give each its own "
+                "GATEWAY_AUDIT_DIR, or run several workers with `gateway serve --workers N`")
+
+
+def prepare_metrics_dir(directory: Path) -> IO[bytes]:
+    """Lock the directory of Prometheus' multiprocess mode for this supervisor (DirectoryBusy while
+    another one runs: its workers' files must not be removed under them), remove a previous run's
+    metric files (only those: `*.db`), and name it in the environment the workers inherit; the client
+    library reads the variable when it is first imported in each worker. Keep the handle open."""
+    handle = hold(directory, ".supervisor.lock", "is the metrics directory of a running gateway: give "
+                  "each its own GATEWAY_METRICS_DIR (or GATEWAY_STATE_DIR)")
     for entry in directory.glob("*.db"):
         if entry.is_file():
             entry.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory.resolve())
+    return handle
 
 
 class NoDelayHttpToolsProtocol(HttpToolsProtocol):

@@ -21,7 +21,6 @@ import httpx
 import pytest
 
 from gateway.audit import chains, records
-from gateway.cli import main
 from tests.conftest import MODEL, ROOT, RunningServer, good_row
 from tests.test_state_redis import RedisServer, redis_server  # noqa: F401  (the fixture)
 
@@ -30,9 +29,48 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 PREDICT = f"/v1/models/{MODEL}:predict"
 
 
-def test_several_workers_need_the_shared_state_store(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--workers", "2", "--port", "0"]) == 2
-    assert "workers > 1 needs state_store: redis" in capsys.readouterr().err
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`gateway serve` expected to refuse at once (a timeout, not a hang, if it started serving)."""
+    return subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0", *args], check=False,
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_several_workers_need_the_shared_state_store(tmp_path: Path) -> None:
+    refused = _serve("--workers", "2", env={"GATEWAY_STATE_DIR": str(tmp_path / "state"),
+                                            "GATEWAY_AUDIT_DIR": str(tmp_path / "audit")})
+    assert refused.returncode == 2
+    assert "workers > 1 needs state_store: redis" in refused.stderr
+
+
+def test_two_gateways_never_write_one_audit_chain(tmp_path: Path) -> None:
+    from gateway.workers import hold_single_writer
+
+    audit = tmp_path / "audit"
+    held = hold_single_writer(audit)  # as a running single-worker gateway holds it
+    try:
+        refused = _serve(env={"GATEWAY_STATE_DIR": str(tmp_path / "state"), "GATEWAY_AUDIT_DIR": str(audit)})
+    finally:
+        held.close()
+    assert refused.returncode == 2
+    assert f"{audit} is written by another gateway process" in refused.stderr
+
+
+def test_a_second_supervisor_leaves_the_running_ones_metric_files_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.workers import prepare_metrics_dir
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # restored afterwards: prepare_metrics_dir sets it
+    metrics = tmp_path / "metrics"
+    held = prepare_metrics_dir(metrics)  # the running supervisor
+    (metrics / "counter_4242.db").write_bytes(b"a running worker's counts")
+    try:
+        refused = _serve("--workers", "2", env={"GATEWAY_STATE_STORE": "redis", "GATEWAY_METRICS_DIR": str(metrics),
+                                                "GATEWAY_STATE_DIR": str(tmp_path / "state"),
+                                                "GATEWAY_AUDIT_DIR": str(tmp_path / "audit")})
+    finally:
+        held.close()
+    assert refused.returncode == 2 and "is the metrics directory of a running gateway" in refused.stderr
+    assert (metrics / "counter_4242.db").read_bytes() == b"a running worker's counts"
 
 
 @pytest.fixture
@@ -75,10 +113,21 @@ def _requests_per_chain(server: RunningServer) -> dict[str, int]:
             for chain in chains(_audit_dir(server))}
 
 
+SENT = [0]
+"""Inference requests the tests sent (each answered `ok`), for exact totals."""
+
+
+def _predict(server: RunningServer) -> httpx.Response:
+    answer = httpx.post(server.url + PREDICT, json={"instances": [good_row()]}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    SENT[0] += 1
+    return answer
+
+
 def _both_answer(server: RunningServer) -> bool:
     """True once both workers answered requests (fresh connections land on either)."""
     for _ in range(10):
-        httpx.post(server.url + PREDICT, json={"instances": [good_row()]}, timeout=10)
+        _predict(server)
     return len([n for n in _requests_per_chain(server).values() if n]) == 2
 
 
@@ -100,11 +149,10 @@ def _within(seconds: float, condition: Callable[[], bool]) -> None:
 @pytest.mark.e2e
 def test_metrics_add_up_across_workers_whichever_answers_the_scrape(workers: RunningServer) -> None:
     before = _counted(workers)
-    sent = 40
-    for _ in range(sent):  # a fresh connection each: the kernel hands them to either worker
-        assert httpx.post(workers.url + PREDICT, json={"instances": [good_row()]}, timeout=10).status_code == 200
+    for _ in range(40):  # a fresh connection each: the kernel hands them to either worker
+        _predict(workers)
     scrapes = {_counted(workers) for _ in range(10)}  # the scrapes, too, land on either worker
-    assert scrapes == {before + sent}
+    assert scrapes == {before + 40}
     text = httpx.get(f"{workers.url}/metrics", timeout=10).text
     assert "process_resident_memory_bytes" not in text  # one process's view: left out with several workers
     assert float(re.search(r"^gateway_resident_memory_bytes (\S+)$", text, re.M).group(1)) > 50e6  # type: ignore[union-attr]
@@ -117,8 +165,7 @@ def test_a_switch_through_one_worker_is_served_by_every_worker_within_a_second(w
     switched = httpx.post(f"{workers.url}/admin/models/{MODEL}/switch", json={"version": "2"}, headers=ADMIN)
     assert switched.status_code == 200, switched.text
     time.sleep(1.0)
-    versions = {httpx.post(workers.url + PREDICT, json={"instances": [good_row()]}, timeout=10)
-                .headers["x-model-version"] for _ in range(30)}
+    versions = {_predict(workers).headers["x-model-version"] for _ in range(30)}
     assert versions == {"2"}
     assert _requests_per_chain(workers)  # (both answered: the fixture waited for it)
 
@@ -127,12 +174,16 @@ def test_a_switch_through_one_worker_is_served_by_every_worker_within_a_second(w
 def test_each_worker_keeps_its_own_audit_chain_and_a_restarted_worker_continues_its_own(
         workers: RunningServer) -> None:
     victim = _children(workers)[0]
-    counted = _counted(workers)
+    counted, sent = _counted(workers), SENT[0]
     assert counted > 0
+    metrics = workers.state / "metrics"
+    assert list(metrics.glob(f"gauge_live*_{victim}.db"))
     os.kill(victim, signal.SIGKILL)  # uvicorn starts another worker, which takes the freed slot
     _within(60.0, lambda: victim not in _children(workers) and len(_children(workers)) == 2)
     _within(60.0, lambda: _both_answer(workers))
-    assert _counted(workers) >= counted  # the dead worker's counts are kept: totals never go down
+    # the dead worker's counts are kept (totals never go down), its live gauges are dropped
+    assert _counted(workers) == counted + SENT[0] - sent
+    _within(5.0, lambda: not list(metrics.glob(f"gauge_live*_{victim}.db")))
     workers.stop()
     audit = _audit_dir(workers)
     assert [c.name for c in chains(audit)] == ["worker-0", "worker-1"]
@@ -169,6 +220,8 @@ def test_the_audit_chains_of_a_directory_are_its_own_and_its_workers(tmp_path: P
 
 def test_verify_on_a_directory_without_audit_files_says_so(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
     assert main(["audit", "verify", str(tmp_path)]) == 0
     assert "no audit files" in capsys.readouterr().out
 
@@ -235,3 +288,29 @@ def test_a_staging_gateway_never_inherits_the_shared_store_or_the_workers(
         assert "process_resident_memory_bytes" in httpx.get(f"{staging.url}/metrics", timeout=10).text
         audit_dir = staging.audit_dir
         assert not (audit_dir / "worker-0").exists()
+
+
+def test_workers_of_one_gateway_run_one_readiness_run_at_a_time(tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.locks import DirectoryBusy, hold
+    from gateway.readiness.jobs import ReadinessRunner, RunRefused
+    from tests.conftest import MODELS, POLICIES
+
+    async def scenario() -> None:
+        runner = ReadinessRunner(MODELS, POLICIES, tmp_path / "reports", lambda actor, summary: None,
+                                 lock_dir=tmp_path / "state")
+        elsewhere = hold(tmp_path / "state", ".readiness-run.lock", "")  # another worker's run
+        with pytest.raises(RunRefused, match="another worker"):
+            await runner.start(MODEL, "1", "ops")
+        elsewhere.close()
+        job = await runner.start(MODEL, "99", "ops")  # no such version: the run ends at once
+        with pytest.raises(DirectoryBusy):
+            hold(tmp_path / "state", ".readiness-run.lock", "")  # held while it runs
+        while job.status == "running":
+            await asyncio.sleep(0.05)
+        assert job.status == "could_not_run"
+        hold(tmp_path / "state", ".readiness-run.lock", "").close()  # free again for any worker
+        await runner.close()
+
+    asyncio.run(scenario())

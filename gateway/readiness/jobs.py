@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import ClientError
+from gateway.locks import DirectoryBusy, hold
 
 KEPT_JOBS = 20
 LOG_TAIL_BYTES = 64 * 1024
@@ -52,17 +53,26 @@ class ReadinessJob:
     report: dict[str, Any] | None = None
     output: str = ""
     _process: Any = field(default=None, repr=False)
+    _lock: Any = field(default=None, repr=False)
 
     def view(self) -> dict[str, Any]:
         """JSON-ready form for the admin API."""
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def release(self) -> None:
+        """Let the next run start (on any worker)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 class ReadinessRunner:
     """Starts and watches readiness runs for the admin API."""
 
     def __init__(self, models_dir: Path, policies_dir: Path, store_dir: Path,
-                 on_report: Callable[[str, dict[str, Any]], None]) -> None:
+                 on_report: Callable[[str, dict[str, Any]], None], lock_dir: Path | None = None) -> None:
+        self.lock_dir = lock_dir
+        """Where a run holds a lock, so workers of one gateway sharing this machine run one at a time."""
         self.models_dir = models_dir
         self.policies_dir = policies_dir
         self.store_dir = store_dir
@@ -81,7 +91,14 @@ class ReadinessRunner:
         busy = self.running
         if busy is not None:
             raise RunRefused(f"readiness run {busy.id} ({busy.model} v{busy.version}) is still running")
-        job = ReadinessJob(next(self._ids), model, version, actor, scale, time.time())
+        lock = None
+        if self.lock_dir is not None:  # another worker of this gateway may be running one on this machine
+            try:
+                lock = hold(self.lock_dir, ".readiness-run.lock", "holds a readiness run")
+            except DirectoryBusy:
+                raise RunRefused("a readiness run started through another worker of this gateway is still "
+                                 "running (one at a time: its load test would skew this one's)") from None
+        job = ReadinessJob(next(self._ids), model, version, actor, scale, time.time(), _lock=lock)
         self.jobs.append(job)  # before any await: a second request arriving meanwhile sees it running
         out_dir = Path(tempfile.mkdtemp(prefix="gateway-readiness-run-"))
         command = [sys.executable, "-m", "gateway", "readiness", model, version, "--models", str(self.models_dir),
@@ -94,6 +111,7 @@ class ReadinessRunner:
         except BaseException as exc:
             job.status, job.finished, job.output = "could_not_run", time.time(), f"cannot start: {exc}"
             shutil.rmtree(out_dir, ignore_errors=True)
+            job.release()
             raise
         task = asyncio.get_running_loop().create_task(self._watch(job, out_dir))
         self._tasks.add(task)
@@ -139,6 +157,7 @@ class ReadinessRunner:
             job.status, job.output = "could_not_run", f"{job.output}\nthe report could not be read: {exc}"
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
+            job.release()
 
     async def close(self) -> None:
         """Stop any run in progress (at shutdown)."""
