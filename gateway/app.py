@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import weakref
 from collections.abc import AsyncIterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +58,8 @@ class Gateway:
         self.slot: WorkerSlot | None = claim_slot(settings.audit_dir) if settings.workers > 1 else None
         """This worker's slot when several share the port: it names its audit chain and event log."""
         self._writer_lock = hold_single_writer(settings.audit_dir) if self.slot is None else None
+        # a gateway dropped without stop() (never started, a test) lets go of its lock when collected
+        weakref.finalize(self, _release, self.slot, self._writer_lock)
         worker = self.slot.name if self.slot is not None else ""
 
         def own(path: Path) -> Path:
@@ -76,7 +79,7 @@ class Gateway:
         self.stats = TrafficStats()
         self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics,
                                    audit=lambda record: self.audit.submit(record, "block"))
-        self.monitor = Monitoring(lambda: self.snapshot, self.metrics)
+        self.monitor = Monitoring(lambda: self.snapshot, self.metrics, judge_volume=settings.state_store == "file")
         self.tracer, self.tracer_provider = make_tracer(settings.trace_exporter, settings.trace_sample_ratio)
         self.trace_roots = not never_sampled(settings.trace_exporter, settings.trace_sample_ratio)
         """Whether requests without a caller's trace context may be recorded (else they skip the SDK)."""
@@ -218,6 +221,13 @@ class Gateway:
         self.executor.shutdown(wait=True, cancel_futures=True)
         INLINE.close()  # the watchdog thread; a later inline run (another app in this process) restarts it
         self.audit.close_now()
+
+
+def _release(slot: WorkerSlot | None, lock: IO[bytes] | None) -> None:
+    if slot is not None:
+        slot.release()
+    if lock is not None:
+        lock.close()
 
 
 def _state_store(settings: Settings) -> ControlStateStore:

@@ -111,6 +111,9 @@ class ReleaseControl:
         self._seen_at: dict[str, float] = {}
         self.unloaded: dict[str, tuple[str, ...]] = {}
         """Per model, the versions an admin unloaded (shared with every replica through the store)."""
+        self.diverged: dict[str, str] = {}
+        """Per model, why this replica cannot follow the shared state (changes here are refused meanwhile)."""
+        """Per model, the versions an admin unloaded (shared with every replica through the store)."""
         """Per model, the `updated_at` of the stored state this replica last wrote or adopted."""
         self._stable_files: dict[tuple[str, str], str] = {}
         """(model, version) -> sha256 of the file that served as stable: a switch back to the previous
@@ -145,17 +148,22 @@ class ReleaseControl:
             stored = self.store.load(name)
             if stored is not None:
                 self._seen_at[name] = stored.updated_at
+            earlier = (stored.unloaded or ()) if stored is not None else ()
             if stored is not None and stored.routing_hash == declared:
-                models[name] = _unloading(model.with_aliases(stored.aliases, "state"), stored.unloaded)
+                models[name] = _unloading(model.with_aliases(stored.aliases, "state"), earlier)
                 self.rollouts[name] = stored.rollout
-                self.unloaded[name] = stored.unloaded
+                self.unloaded[name] = earlier
                 continue
+            # the policy's routing wins; unloads stay, except of versions it routes to
+            kept = tuple(v for v in earlier if not model.aliases.referencing(v))
             if stored is not None:
                 self.record("system", name, "policy_routing_changed", asdict(stored.aliases),
-                            asdict(model.aliases), reason="the policy's routing section changed: it wins")
+                            asdict(model.aliases), reason="the policy's routing section changed: it wins",
+                            extra={"unloaded": list(kept), "loaded_again": [v for v in earlier if v not in kept]})
+            models[name] = _unloading(model, kept)
             self.rollouts[name] = None
-            self.unloaded[name] = ()  # the policy's routing wins, with every version it may route to
-            fresh = ModelState(model.aliases, declared, None, self._clock())
+            self.unloaded[name] = kept
+            fresh = ModelState(model.aliases, declared, None, self._clock(), kept)
             try:
                 self.store.save(name, fresh, stored.updated_at if stored is not None else None)
                 self._seen_at[name] = fresh.updated_at
@@ -179,38 +187,49 @@ class ReleaseControl:
                 return
             if stored.updated_at == self._seen_at.get(model):
                 return
-            self._seen_at[model] = stored.updated_at
             if stored.routing_hash != _routing_of(current):
+                self._seen_at[model] = stored.updated_at
                 log.warning("shared state of %s was written under another policy routing; keeping this "
                             "replica's policy", model)
                 return
+            # an older gateway writes no list of unloads: keep this replica's rather than load them all
+            unloaded = stored.unloaded if stored.unloaded is not None else self.unloaded.get(model, ())
             wanted = [v for v in sorted(current.versions, key=version_key)
-                      if v not in stored.unloaded and v not in current.served
+                      if v not in unloaded and v not in current.served
                       and current.version_reasons.get(v) == "unloaded"]
             if wanted:  # loaded again elsewhere: load here before aliases may route to them
-                await self._load_locked(current, wanted, "state-store", "another replica's load")
-            self._adopt_aliases_locked(model, stored)
-            self.unloaded[model] = stored.unloaded
+                prepared = await self._prepare_load(current, wanted)
+                self._publish_load(prepared, "state-store", "another replica's load")
+            if not self._adopt_aliases_locked(model, stored):
+                return  # _seen_at stays behind: a change made here is refused until this replica can follow
+            self._seen_at[model] = stored.updated_at
+            self.unloaded[model] = unloaded
             current = self._get().models[model]
-            gone = [v for v in stored.unloaded if v in current.served and not current.aliases.referencing(v)]
+            gone = [v for v in unloaded if v in current.served and not current.aliases.referencing(v)]
             if gone:
                 self._unload_locked(current, gone, "state-store", "another replica's unload")
 
-    def _adopt_aliases_locked(self, model: str, stored: ModelState) -> None:
+    def _adopt_aliases_locked(self, model: str, stored: ModelState) -> bool:
+        """Follow the stored aliases and rollout; False (logged once per state) when they route to a
+        version this replica does not serve: it keeps its own and refuses changes until it can follow."""
         current = self._get().models[model]
         missing = [v for v in (stored.aliases.stable, stored.aliases.canary, stored.aliases.shadow)
                    if v is not None and v not in current.served]
         if missing:
-            log.error("shared state of %s routes to versions this replica does not serve (%s); keeping "
-                      "its own aliases", model, ", ".join(missing))
-            return
+            why = (f"the shared state routes to versions this replica does not serve ({', '.join(missing)}: "
+                   + "; ".join(f"{v}: {current.version_reasons.get(v, 'not loaded')}" for v in missing) + ")")
+            if self.diverged.get(model) != why:
+                log.error("%s: %s; keeping its own aliases until it can follow", model, why)
+            self.diverged[model] = why
+            return False
+        self.diverged.pop(model, None)
         if stored.aliases == current.aliases and stored.rollout == self.rollouts.get(model):
-            return
+            return True
         if stored.aliases == current.aliases:  # rollout progress only: no new snapshot to publish
             self.rollouts[model] = stored.rollout
             if self.on_adopted is not None:
                 self.on_adopted(model)
-            return
+            return True
         snapshot = self._get()
         self._publish(replace(snapshot, models={**snapshot.models,
                                                 model: current.with_aliases(stored.aliases, "state")}))
@@ -222,6 +241,7 @@ class ReleaseControl:
                     reason="another replica's change, from the shared state store")
         if self.on_adopted is not None:
             self.on_adopted(model)
+        return True
 
     async def _restore_locked(self, current: ServedModel) -> None:
         """A shared store that answers but has lost this model's state (a Redis restarted without its
@@ -381,15 +401,20 @@ class ReleaseControl:
                 raise ClientError(f"versions {missing} of {model!r} are not in the model repository")
             if current is None:
                 raise Conflict(f"model {model!r} appeared after start; restart to serve a new model")
-            unloaded = tuple(v for v in self.unloaded.get(model, ()) if v not in wanted)
-            if unloaded != self.unloaded.get(model, ()):
+            prepared = await self._prepare_load(current, wanted)  # verified and warmed up, not yet serving
+            loaded = prepared[1]
+            unloaded = tuple(v for v in self.unloaded.get(model, ()) if v not in loaded)
+            if unloaded != self.unloaded.get(model, ()):  # loaded back after an unload: on every replica
                 await self._save_locked(current, current.aliases, self.rollouts.get(model), unloaded)
-            change = await self._load_locked(current, wanted, actor)
+            change = self._publish_load(prepared, actor)
             if change.after["refused"] and not change.after["loaded"]:
                 raise Conflict(f"refused: {change.after['refused']}")
             return change
 
-    async def _load_locked(self, current: ServedModel, wanted: list[str], actor: str, reason: str = "") -> Change:
+    async def _prepare_load(self, current: ServedModel, wanted: list[str]
+                            ) -> tuple[ServedModel, list[str], dict[str, str], float]:
+        """Load, verify and warm up versions off the loop: the model as it would serve them, which
+        loaded, which were refused (and why), and when this started."""
         started = time.perf_counter()
         model = current.name
         entries = await asyncio.gather(*(asyncio.to_thread(self._repository.load_version, model, v)
@@ -411,12 +436,19 @@ class ReleaseControl:
                 if entry.version not in served:
                     versions_map[entry.version] = entry
                     reasons[entry.version] = why
-        new_model = replace(current, versions=versions_map, served=served, version_reasons=reasons)
-        self._publish(replace(self._get(), models={**self._get().models, model: new_model}))
+        return replace(current, versions=versions_map, served=served, version_reasons=reasons), loaded, refused, \
+            started
+
+    def _publish_load(self, prepared: tuple[ServedModel, list[str], dict[str, str], float], actor: str,
+                      reason: str = "") -> Change:
+        new_model, loaded, refused, started = prepared
+        before = self._get().models[new_model.name]
+        self._publish(replace(self._get(), models={**self._get().models, new_model.name: new_model}))
         took = (time.perf_counter() - started) * 1000
-        change = Change(model, "load", {"serving": sorted(current.served, key=version_key)},
-                        {"serving": sorted(served, key=version_key), "loaded": loaded, "refused": refused}, took)
-        self.record(actor, model, "load", change.before, change.after, reason=reason)
+        change = Change(new_model.name, "load", {"serving": sorted(before.served, key=version_key)},
+                        {"serving": sorted(new_model.served, key=version_key), "loaded": loaded, "refused": refused},
+                        took)
+        self.record(actor, new_model.name, "load", change.before, change.after, reason=reason)
         return change
 
     async def unload(self, model: str, versions: list[str] | None, actor: str) -> Change:
@@ -480,6 +512,9 @@ class ReleaseControl:
         """Store a model's new state (Conflict when another replica changed it first, StoreFailed when it
         cannot be stored: nothing changed either way)."""
         name = current.name
+        if name in self.diverged and self.store.shared:
+            raise Conflict(f"this replica cannot follow the shared state of {name}: {self.diverged[name]}; "
+                           "make it serve that version (load it) or make the change on a replica that does")
         state = ModelState(aliases, _routing_of(current), rollout, self._clock(), unloaded)
         try:
             if self.store.shared:  # a network store may hang up to its timeout: never on the loop

@@ -45,7 +45,10 @@ class Monitoring:
     """Drift, volume and outcome monitoring for every model."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], metrics: Metrics,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, judge_volume: bool = True) -> None:
+        self._judge_volume = judge_volume
+        """False when this process serves a share of the model's traffic (replicas or workers sharing
+        state): its own count says nothing about the model's band, which the alert judges on the sum."""
         self._snapshot = snapshot
         self._metrics = metrics
         self._clock = clock
@@ -180,7 +183,8 @@ class Monitoring:
             versions.append(cached[1])
         volume = self._volume(model_name, policy)
         self._metrics.requests_per_minute.labels(model_name).set(volume["last_minute"] or 0)
-        self._metrics.volume_anomaly.labels(model_name).set(1 if volume["state"] == "anomaly" else 0)
+        if self._judge_volume:
+            self._metrics.volume_anomaly.labels(model_name).set(1 if volume["state"] == "anomaly" else 0)
         for bound, value in zip(("min", "max"), volume["band"], strict=True):
             if value is not None:
                 self._metrics.volume_band.labels(model_name, bound).set(value)
@@ -215,7 +219,9 @@ class Monitoring:
         last = previous if current == minute else count if current == minute - 1 else 0
         observed = minute - 1 >= self._first_full_minute  # a whole minute has been watched
         band = policy.drift.volume
-        if not observed:
+        if not self._judge_volume:
+            state = "fleet"  # judged over every replica by GatewayVolumeAnomaly, not on this share
+        elif not observed:
             state = "insufficient"
         elif (band.min_per_minute is not None and last < band.min_per_minute) or (
                 band.max_per_minute is not None and last > band.max_per_minute):

@@ -81,8 +81,9 @@ class ModelState:
     routing_hash: str
     rollout: RolloutState | None = None
     updated_at: float = 0.0
-    unloaded: tuple[str, ...] = ()
-    """Versions an admin unloaded (repository API): not served by any replica until loaded again."""
+    unloaded: tuple[str, ...] | None = ()
+    """Versions an admin unloaded (repository API): not served by any replica until loaded again. None
+    when read from a state written by a gateway that did not keep this list (a replica keeps its own)."""
 
 
 def routing_hash(routing: dict[str, Any]) -> str:
@@ -98,7 +99,7 @@ def encode_state(state: ModelState) -> bytes:
         "rollout": {**asdict(state.rollout), "steps": list(state.rollout.steps),
                     "history": list(state.rollout.history)} if state.rollout else None,
         "updated_at": state.updated_at,
-        "unloaded": sorted(state.unloaded),
+        "unloaded": sorted(state.unloaded or ()),
     }
     return json.dumps(payload, indent=2, sort_keys=True).encode()
 
@@ -115,7 +116,7 @@ def decode_state(data: bytes | str) -> ModelState:
         rollout=RolloutState(**{**rollout, "steps": tuple(rollout["steps"]),
                                 "history": tuple(rollout.get("history", ()))}) if rollout else None,
         updated_at=float(payload.get("updated_at", 0.0)),
-        unloaded=tuple(str(v) for v in payload.get("unloaded", ())),
+        unloaded=tuple(str(v) for v in payload["unloaded"]) if "unloaded" in payload else None,
     )
 
 

@@ -338,9 +338,10 @@ def volume_monitor(repo_copy: tuple[Path, Path]) -> Iterator[Callable[[float], t
     with make_client(models, policies) as client:
         gateway = client.app.state.gateway
 
-        def build(start: float) -> tuple[Monitoring, Clock, Metrics]:
+        def build(start: float, judge_volume: bool = True) -> tuple[Monitoring, Clock, Metrics]:
             clock, metrics = Clock(start), Metrics()
-            return Monitoring(lambda: gateway.snapshot, metrics, clock=clock), clock, metrics
+            return (Monitoring(lambda: gateway.snapshot, metrics, clock=clock, judge_volume=judge_volume), clock,
+                    metrics)
 
         yield build
 
@@ -399,3 +400,16 @@ def test_no_traffic_at_all_is_a_volume_anomaly(
     volume = volume_at(monitor, clock, 185.0)  # minutes 0, 1 and 2 observed whole, not one request
     assert volume["last_minute"] == 0
     assert volume["state"] == "anomaly"
+
+
+def test_a_process_sharing_the_traffic_leaves_the_band_to_the_alert_over_the_fleet(
+        volume_monitor: Callable[..., tuple[Monitoring, Clock, Metrics]]) -> None:
+    """With replicas or workers, one process's count is a share: judged against the model's band,
+    every replica would report an anomaly for good. The alert judges the sum instead."""
+    monitor, clock, metrics = volume_monitor(-1.0, judge_volume=False)
+    volume_at(monitor, clock, 10.0, requests=1)
+    volume = volume_at(monitor, clock, 65.0)  # 1 < 2: an anomaly for a single process
+    assert volume == {"last_minute": 1, "this_minute": 0, "band": [2, 5], "state": "fleet"}
+    assert metrics.registry.get_sample_value("gateway_volume_anomaly", {"model": MODEL}) is None
+    assert metrics.registry.get_sample_value("gateway_requests_per_minute", {"model": MODEL}) == 1.0
+    assert metrics.registry.get_sample_value("gateway_volume_band", {"model": MODEL, "bound": "min"}) == 2.0

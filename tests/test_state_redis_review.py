@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import redis
 
 from gateway.app import Gateway
@@ -274,5 +275,95 @@ def test_a_driver_whose_step_write_meets_a_newer_shared_state_follows_it_and_doe
             assert state.rollout.status != "rolled_back", state.rollout.reason
             assert state.aliases.shadow == "1"  # B's change kept
             assert state.rollout.step >= 1 or state.rollout.status == "completed"  # A went on driving it
+
+    asyncio.run(scenario())
+
+
+# --- 7. shared unloads and loads (second review) ---------------------------------------------------------
+
+
+def _own_repo(repo: tuple[Path, Path], tmp: Path, name: str, broken: str | None = None) -> tuple[Path, Path]:
+    """A replica's own copy of the repository; `broken`: a version whose file differs from its card here."""
+    import shutil
+
+    models = shutil.copytree(repo[0], tmp / f"models-{name}")
+    if broken is not None:
+        onnx = models / MODEL / broken / "model.onnx"
+        onnx.write_bytes(onnx.read_bytes() + b"x")  # a fault injected on this replica's disk
+    return models, repo[1]
+
+
+def _served(gateway: Gateway) -> list[str]:
+    return sorted(gateway.snapshot.models[MODEL].served)
+
+
+def test_a_load_refused_here_changes_nothing_for_the_fleet(
+        ungated_repo: tuple[Path, Path], redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    async def scenario() -> None:
+        async with _replica(_own_repo(ungated_repo, tmp_path, "a", broken="2"), redis_server.url, tmp_path,
+                            "a") as a, _replica(ungated_repo, redis_server.url, tmp_path, "b") as b:
+            await a.control.unload(MODEL, ["2"], "ops-a")
+            await b.control.apply_shared(MODEL)
+            assert _served(b) == ["1"]
+            with pytest.raises(Conflict, match="refused"):
+                await a.control.load(MODEL, ["2"], "ops-a")  # its file differs on A
+            stored = a.state_store.load(MODEL)
+            assert stored is not None and stored.unloaded == ("2",)  # the admin was told no: so is the fleet
+            await b.control.apply_shared(MODEL)
+            assert _served(b) == ["1"]
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_that_cannot_follow_refuses_changes_instead_of_undoing_the_fleets(
+        ungated_repo: tuple[Path, Path], redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    async def scenario() -> None:
+        async with _replica(_own_repo(ungated_repo, tmp_path, "a", broken="2"), redis_server.url, tmp_path,
+                            "a") as a, _replica(ungated_repo, redis_server.url, tmp_path, "b") as b:
+            assert _served(a) == ["1"]  # A refused its version 2 at start
+            await b.control.switch(MODEL, "2", "ops-b")
+            await a.control.apply_shared(MODEL)
+            assert _aliases(a)[0] == "1"  # A cannot serve the fleet's stable: it keeps its own
+            assert "2" in a.control.diverged[MODEL]
+            with pytest.raises(Conflict, match="cannot follow the shared state"):
+                await a.control.set_shadow(MODEL, "1", 5.0, "ops-a")
+            assert _stored(a)[0] == "2"  # the switch B acknowledged stands
+
+    asyncio.run(scenario())
+
+
+def test_a_state_from_a_gateway_without_the_unload_list_keeps_the_unloads(
+        ungated_repo: tuple[Path, Path], redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    async def scenario() -> None:
+        async with _replica(ungated_repo, redis_server.url, tmp_path, "a") as a, \
+                _replica(ungated_repo, redis_server.url, tmp_path, "b") as b:
+            await a.control.unload(MODEL, ["2"], "ops-a")
+            await b.control.apply_shared(MODEL)
+            client = redis.Redis.from_url(redis_server.url)  # an older replica (rolling upgrade) sets a shadow
+            key = a.state_store.key(MODEL)
+            payload = json.loads(client.get(key))  # type: ignore[arg-type]
+            del payload["unloaded"]
+            payload["aliases"].update(shadow="1", shadow_percent=5.0)
+            payload["updated_at"] = time.time()
+            client.set(key, json.dumps(payload))
+            client.close()
+            await b.control.apply_shared(MODEL)
+            assert _aliases(b)[2] == "1" and _served(b) == ["1"]  # followed, and version 2 stays out
+
+    asyncio.run(scenario())
+
+
+def test_a_routing_edit_keeps_unloads_of_versions_it_does_not_name(
+        ungated_repo: tuple[Path, Path], redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    from tests.conftest import patch_policy
+
+    async def scenario() -> None:
+        async with _replica(ungated_repo, redis_server.url, tmp_path, "a") as a:
+            await a.control.unload(MODEL, ["2"], "ops-a")
+        patch_policy(ungated_repo[1], MODEL, routing={"stable": "1", "shadow_queue": 7})
+        async with _replica(ungated_repo, redis_server.url, tmp_path, "a2") as again:
+            assert _served(again) == ["1"]
+            changed = [e for e in again.control.events if e["action"] == "policy_routing_changed"]
+            assert changed and changed[-1]["unloaded"] == ["2"]
 
     asyncio.run(scenario())

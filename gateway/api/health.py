@@ -137,8 +137,9 @@ async def status(request: Request) -> Response:
         item["answers"] = {"total": answered, "fallbacks": by_reason,
                            "fallback_rate": round(sum(by_reason.values()) / answered, 6) if answered else 0.0}
         models.append(item)
-    store = gateway.control.store.status()
-    degraded = bool(snapshot.policy_problems) or any(m["degraded"] for m in models) or not store["ok"]
+    store = {**gateway.control.store.status(), "diverged": dict(gateway.control.diverged)}
+    degraded = (bool(snapshot.policy_problems) or any(m["degraded"] for m in models) or not store["ok"]
+                or bool(store["diverged"]))
     return json_response({
         "server": {"name": SERVER_NAME, "version": gateway.version, "ready": snapshot.ready,
                    "degraded": degraded, "in_flight": pipeline.in_flight,
