@@ -28,6 +28,7 @@ from gateway.api.errors import json_response
 from gateway.audit import AuditWriter, Redactor
 from gateway.control import ReleaseControl
 from gateway.faults import FaultInjector
+from gateway.feedback_shared import SharedPredictions
 from gateway.monitoring import Monitoring
 from gateway.pipeline import InferencePipeline
 from gateway.policy import Rollout
@@ -80,6 +81,10 @@ class Gateway:
         self.shadow = ShadowMirror(lambda: self.snapshot, self.executor, self.stats, self.metrics,
                                    audit=lambda record: self.audit.submit(record, "block"))
         self.monitor = Monitoring(lambda: self.snapshot, self.metrics, judge_volume=settings.state_store == "file")
+        if settings.state_store == "redis":  # labels reaching another replica find their predictions
+            self.monitor.shared = SharedPredictions(
+                settings.redis_url, settings.redis_prefix,
+                on_dropped=lambda model, n: self.metrics.feedback_unshared.labels(model).inc(n))
         self.tracer, self.tracer_provider = make_tracer(settings.trace_exporter, settings.trace_sample_ratio)
         self.trace_roots = not never_sampled(settings.trace_exporter, settings.trace_sample_ratio)
         """Whether requests without a caller's trace context may be recorded (else they skip the SDK)."""
@@ -144,6 +149,8 @@ class Gateway:
 
             self.breakers.on_trip = announce
         self.monitor.start()
+        if self.monitor.shared is not None:
+            self.monitor.shared.start()
         if self.metrics.multiprocess_dir is not None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         # Everything loaded so far (modules, sessions, policies) lives as long as the process: move
@@ -206,6 +213,8 @@ class Gateway:
         await self.readiness_runs.close()
         await self.shadow.close()
         await self.monitor.close()
+        if self.monitor.shared is not None:
+            await self.monitor.shared.close()
         await self.audit.close()
         if self._sampler is not None:
             self._sampler.cancel()

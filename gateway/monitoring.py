@@ -21,6 +21,7 @@ import numpy as np
 
 from gateway.drift import SCORE, STATE_CODES, VersionDrift
 from gateway.feedback import FeedbackStore
+from gateway.feedback_shared import SharedPredictions
 from gateway.policy import Drift, Policy
 from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.telemetry import Metrics
@@ -58,6 +59,8 @@ class Monitoring:
         self._reports: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._minutes: dict[str, tuple[int, int, int]] = {}  # model -> (minute, count, previous count)
         self.feedback = FeedbackStore()
+        self.shared: SharedPredictions | None = None
+        """With shared state: predictions also go to Redis, for labels that reach another process."""
         self._sources: dict[tuple[str, str], tuple[object, dict[str, str]]] = {}  # -> (policy, feature -> feed)
         self.dropped: dict[str, int] = {}
         self._first_full_minute = int(clock() // 60) + 1  # the minute we started in was only partly seen
@@ -84,6 +87,8 @@ class Monitoring:
         scores = _scores(card.score, results, batch.rows)
         if scores is not None:
             self.feedback.remember(model.name, policy.feedback, request_id, served.entry.version, scores)
+            if self.shared is not None:
+                self.shared.offer(model.name, policy.feedback.store, request_id, served.entry.version, scores)
         if card.reference_profile is None:
             return
         key = (model.name, served.entry.version)

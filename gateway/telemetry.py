@@ -153,6 +153,10 @@ class Metrics:
         self.feedback_labels = Counter(
             "gateway_feedback_labels", "Delayed labels joined to a prediction.", ["model", "version"],
             registry=self.registry)
+        self.feedback_unshared = Counter(
+            "gateway_feedback_unshared_predictions", "Predictions not handed to Redis for labels arriving at "
+            "another replica (buffer full, or Redis away): their labels are joined only here.", ["model"],
+            registry=self.registry)
         self.feedback_unmatched = Counter(
             "gateway_feedback_unmatched", "Feedback whose request id was unknown or had expired.",
             ["model", "reason"], registry=self.registry)

@@ -180,6 +180,33 @@ def test_an_unload_that_cannot_be_stored_is_refused_and_changes_nothing(
 
 
 @pytest.mark.e2e
+def test_a_label_reaching_another_replica_finds_its_prediction(
+        replicas: tuple[RunningServer, RunningServer]) -> None:
+    first, second = replicas
+    predict = f"/v1/models/{MODEL}:predict"
+    for n in range(3):
+        answer = httpx.post(first.url + predict, json={"instances": [good_row()]}, headers={"X-Request-Id": f"r-{n}"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == f"r-{n}"
+    feedback = f"/v2/models/{MODEL}/feedback"
+    labels = {"labels": [{"id": "r-0", "label": 1}, {"id": "r-1", "label": 0}, {"id": "nobody", "label": 1}]}
+
+    def joined() -> bool:  # predictions reach Redis within a tenth of a second
+        body = httpx.post(second.url + feedback, json=labels).json()
+        labels["labels"] = [item for item in labels["labels"] if item["id"] in body["unknown"]]
+        return body["unknown"] == ["nobody"]
+
+    _within(2.0, joined)
+    again = httpx.post(second.url + feedback, json={"labels": [{"id": "r-0", "label": 1}]}).json()
+    assert again["accepted"] == 0 and again["unknown"] == ["r-0"]  # labelled once
+    local = httpx.post(first.url + feedback, json={"labels": [{"id": "r-2", "label": 1}]}).json()
+    assert local["accepted"] == 1
+    taken = httpx.post(second.url + feedback, json={"labels": [{"id": "r-2", "label": 1}]}).json()
+    assert taken["unknown"] == ["r-2"]  # joined where it was made: gone from Redis too
+    samples = httpx.get(f"{second.url}/metrics").text
+    assert 'gateway_feedback_labels_total{model="credit-risk",version="1"} 2.0' in samples
+
+
+@pytest.mark.e2e
 def test_without_redis_replicas_keep_serving_refuse_changes_and_reconcile_when_it_returns(
         replicas: tuple[RunningServer, RunningServer], redis_server: RedisServer) -> None:
     import threading

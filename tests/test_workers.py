@@ -171,6 +171,19 @@ def test_a_switch_through_one_worker_is_served_by_every_worker_within_a_second(w
 
 
 @pytest.mark.e2e
+def test_labels_find_their_predictions_whichever_worker_made_them(workers: RunningServer) -> None:
+    ids = [f"w-{n}" for n in range(30)]
+    for request_id in ids:  # fresh connections: both workers make some of these predictions
+        answer = httpx.post(workers.url + PREDICT, json={"instances": [good_row()]},
+                            headers={"X-Request-Id": request_id}, timeout=10)
+        assert answer.status_code == 200
+    time.sleep(0.5)  # predictions reach Redis within a tenth of a second
+    body = httpx.post(f"{workers.url}/v2/models/{MODEL}/feedback", timeout=10,
+                      json={"labels": [{"id": request_id, "label": 1} for request_id in ids]}).json()
+    assert body["unknown"] == [] and body["accepted"] == 30
+
+
+@pytest.mark.e2e
 def test_each_worker_keeps_its_own_audit_chain_and_a_restarted_worker_continues_its_own(
         workers: RunningServer) -> None:
     victim = _children(workers)[0]
