@@ -67,7 +67,7 @@ class SharedPredictions:
                  timeout_s: float = 0.5) -> None:
         self.prefix = prefix
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._pending: deque[tuple[str, int, str, str]] = deque()
+        self._pending: deque[tuple[str, int, str, str, np.ndarray]] = deque()
         self._on_dropped = on_dropped
         self._task: asyncio.Task[None] | None = None
 
@@ -80,8 +80,7 @@ class SharedPredictions:
             self._pending.popleft()
             if self._on_dropped is not None:
                 self._on_dropped(model, 1)
-        value = json.dumps({"version": version, "scores": [float(s) for s in scores]})
-        self._pending.append((model, store, request_id, value))
+        self._pending.append((model, store, request_id, version, scores))  # encoded off the loop, in _flush
 
     def start(self) -> None:
         """Start writing the buffer (on the running loop)."""
@@ -109,9 +108,9 @@ class SharedPredictions:
     def _flush(self) -> None:
         batch: dict[str, tuple[int, list[str]]] = {}
         while self._pending:
-            model, store, request_id, value = self._pending.popleft()
+            model, store, request_id, version, scores = self._pending.popleft()
             entry = batch.setdefault(model, (store, []))
-            entry[1].extend((request_id, value))
+            entry[1].extend((request_id, json.dumps({"version": version, "scores": scores.tolist()})))
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 for model, (store, pairs) in batch.items():
