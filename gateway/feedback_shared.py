@@ -77,9 +77,9 @@ class SharedPredictions:
     def offer(self, model: str, store: int, request_id: str, version: str, scores: np.ndarray) -> None:
         """Queue a prediction for Redis (request path: an append, never a wait)."""
         if len(self._pending) >= BUFFER:
-            self._pending.popleft()
+            dropped = self._pending.popleft()
             if self._on_dropped is not None:
-                self._on_dropped(model, 1)
+                self._on_dropped(dropped[0], 1)
         self._pending.append((model, store, request_id, version, scores))  # encoded off the loop, in _flush
 
     def start(self) -> None:

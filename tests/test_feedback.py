@@ -210,3 +210,18 @@ def test_feedback_route_rejects_malformed_bodies_and_unknown_models() -> None:
         body = answer.json()
         assert body["unknown"] == ["never-seen"] and [i["index"] for i in body["invalid"]] == [1]
         assert body["accepted"] == 0
+
+
+def test_shared_predictions_drop_the_oldest_when_the_buffer_is_full_and_count_it_under_its_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from gateway import feedback_shared
+
+    dropped: list[tuple[str, int]] = []
+    monkeypatch.setattr(feedback_shared, "BUFFER", 2)
+    shared = feedback_shared.SharedPredictions("redis://127.0.0.1:1/0", "t",
+                                               on_dropped=lambda model, n: dropped.append((model, n)))
+    for model, request_id in (("a", "1"), ("b", "2"), ("c", "3")):
+        shared.offer(model, 10, request_id, "1", np.array([0.5]))
+    assert dropped == [("a", 1)]  # the oldest went, counted for its own model
