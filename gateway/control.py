@@ -113,7 +113,6 @@ class ReleaseControl:
         """Per model, the versions an admin unloaded (shared with every replica through the store)."""
         self.diverged: dict[str, str] = {}
         """Per model, why this replica cannot follow the shared state (changes here are refused meanwhile)."""
-        """Per model, the versions an admin unloaded (shared with every replica through the store)."""
         """Per model, the `updated_at` of the stored state this replica last wrote or adopted."""
         self._stable_files: dict[tuple[str, str], str] = {}
         """(model, version) -> sha256 of the file that served as stable: a switch back to the previous
@@ -388,7 +387,8 @@ class ReleaseControl:
 
     async def load(self, model: str, versions: list[str] | None, actor: str) -> Change:
         """Load (verify, warm up) versions found on disk; by default every one not serving yet. Versions
-        an admin had unloaded are taken off the shared list first, so every replica loads them too."""
+        an admin had unloaded, once loaded here, are taken off the shared list, so every replica loads
+        them too (nothing is stored when they are refused here)."""
         async with self.lock:
             snapshot = self._get()
             current = snapshot.models.get(model)
