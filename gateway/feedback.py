@@ -63,6 +63,11 @@ class FeedbackStore:
             while len(expired) > policy.store:
                 expired.popitem(last=False)
 
+    def known(self, model: str, request_ids: list[str]) -> list[str]:
+        """Those of the ids whose prediction is kept here (still open for a label)."""
+        recent: OrderedDict[str, _Prediction] = self._recent.get(model, OrderedDict())
+        return [i for i in request_ids if i in recent]
+
     def accept(self, model: str, policy: Feedback, items: list[Any]) -> dict[str, Any]:
         """Join labels to predictions; report what could not be joined and why."""
         accepted: dict[str, int] = {}

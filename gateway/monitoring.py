@@ -22,7 +22,7 @@ import numpy as np
 from gateway.drift import SCORE, STATE_CODES, VersionDrift
 from gateway.feedback import FeedbackStore
 from gateway.feedback_shared import SharedPredictions
-from gateway.policy import Drift, Policy
+from gateway.policy import Drift, Feedback, Policy
 from gateway.registry import ServedModel, ServedVersion, Snapshot
 from gateway.telemetry import Metrics
 from gateway.validation import ValidatedBatch
@@ -235,6 +235,24 @@ class Monitoring:
             state = "ok"
         return {"last_minute": last if observed else None, "this_minute": count if current == minute else 0,
                 "band": [band.min_per_minute, band.max_per_minute], "state": state}
+
+    async def accept_feedback(self, model: str, policy: Feedback, items: list[Any]) -> dict[str, Any]:
+        """Join delayed labels to predictions. With shared predictions, those another replica or worker
+        made are first taken out of Redis (each is labelled once, wherever its label lands), and those
+        kept here are taken out of Redis too, so no other process can label them again."""
+        shared = self.shared
+        if shared is None:
+            return self.feedback.accept(model, policy, items)
+        ids = list(dict.fromkeys(i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)))
+        here = self.feedback.known(model, ids)
+        kept_here = set(here)
+        elsewhere = [i for i in ids if i not in kept_here]
+        found = await asyncio.to_thread(shared.take, model, elsewhere) if elsewhere else {}
+        for request_id, (version, scores) in found.items():
+            self.feedback.remember(model, policy, request_id, version, scores)
+        if here:
+            await asyncio.to_thread(shared.forget, model, here)
+        return self.feedback.accept(model, policy, items)
 
     def drift_state(self, model: str, version: str) -> str:
         """The version's overall drift state (for rollout criteria)."""

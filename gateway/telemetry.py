@@ -33,12 +33,6 @@ BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}
 #: how often a worker writes its sampled gauges in multiprocess mode (what a scrape may lag by)
 SAMPLE_INTERVAL_S = 1.0
 
-#: gauge families with `model` and `version` labels that stop being exported for a version no longer served
-_PER_VERSION_GAUGES = ("gateway_breaker_state", "gateway_prediction_null_ratio", "gateway_drift_window_rows",
-                       "gateway_outcome_state", "gateway_drift_state", "gateway_drift_score",
-                       "gateway_outcome_quality")
-
-
 def multiprocess_dir() -> str | None:
     """The directory of multiprocess mode, when this process runs in it (set before the library loads)."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -188,6 +182,10 @@ class Metrics:
             "gateway_resident_memory_bytes", "Resident memory of the gateway's worker processes (summed).",
             registry=self.registry, multiprocess_mode="livesum")
         self.sample(self.resident_memory, _resident_bytes)
+        self._per_version: tuple[Gauge, ...] = (
+            self.breaker_state, self.prediction_null_ratio, self.drift_window_rows, self.outcome_state,
+            self.drift_state, self.drift_score, self.outcome_metric)
+        """Gauges labelled `model, version, ...` that stop being exported when the version stops serving."""
         # `labels()` hashes and locks on every call; an answer touches three series whose label
         # sets are few (served models x versions x routes x protocols x outcomes), so keep them.
         self._answer_series: dict[tuple[str, str, str, str, str], tuple[Any, Any, Any]] = {}
@@ -241,10 +239,7 @@ class Metrics:
         if self.multiprocess_dir is not None:  # values stay in the files: left out of the exposition instead
             self._forgotten.add((model, version))
             return
-        for family in (self.breaker_state, self.prediction_null_ratio, self.drift_window_rows, self.outcome_state):
-            with contextlib.suppress(KeyError):
-                family.remove(model, version)
-        for family in (self.drift_state, self.drift_score, self.outcome_metric):
+        for family in self._per_version:
             for labels in [key for key in list(family._metrics) if key[:2] == (model, version)]:
                 family.remove(*labels)
 
@@ -254,20 +249,23 @@ class Metrics:
             return generate_latest(self.registry)
         self._sample_now()  # this worker's own samples fresh; the others' at most SAMPLE_INTERVAL_S old
         merged = MultiProcessCollector(None, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-        return generate_latest(_Without(merged, frozenset(self._forgotten)))
+        names = frozenset(family._name for family in self._per_version)
+        return generate_latest(_Without(merged, names, frozenset(self._forgotten)))
 
 
 class _Without:
     """A collector's families without the per-version gauge series of versions no longer served."""
 
-    def __init__(self, collector: MultiProcessCollector, forgotten: frozenset[tuple[str, str]]) -> None:
+    def __init__(self, collector: MultiProcessCollector, families: frozenset[str],
+                 forgotten: frozenset[tuple[str, str]]) -> None:
         self._collector = collector
+        self._families = families
         self._forgotten = forgotten
 
     def collect(self) -> Iterator[Metric]:
         families: Iterable[Metric] = self._collector.collect()  # type: ignore[no-untyped-call]
         for family in families:
-            if self._forgotten and family.name in _PER_VERSION_GAUGES:
+            if self._forgotten and family.name in self._families:
                 family.samples = [s for s in family.samples
                                   if (s.labels.get("model"), s.labels.get("version")) not in self._forgotten]
             yield family

@@ -5,9 +5,10 @@ protocol, and asyncio then leaves Nagle's algorithm on for accepted connections:
 keep-alive answer waited ~40 ms for the client's delayed ACK (p50 44 ms instead of 2 ms).
 `NoDelayHttpToolsProtocol` turns it off per connection, as a single worker already has it.
 
-A worker takes the first free slot by holding an exclusive `flock` on `<state_dir>/workers/<n>.lock`
-for its lifetime; the kernel releases the lock when the process ends, however it ends, so a worker
-that uvicorn starts in place of a dead one takes the dead one's slot and continues its audit chain.
+A worker takes the first free slot by holding an exclusive `flock` on `<audit_dir>/.worker-<n>.lock`
+(beside the chain it names) for its lifetime; the kernel releases the lock when the process ends,
+however it ends, so a worker that uvicorn starts in place of a dead one takes the dead one's slot
+and continues its audit chain.
 """
 
 from __future__ import annotations

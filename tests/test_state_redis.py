@@ -198,8 +198,9 @@ def test_a_label_reaching_another_replica_finds_its_prediction(
     _within(2.0, joined)
     again = httpx.post(second.url + feedback, json={"labels": [{"id": "r-0", "label": 1}]}).json()
     assert again["accepted"] == 0 and again["unknown"] == ["r-0"]  # labelled once
-    local = httpx.post(first.url + feedback, json={"labels": [{"id": "r-2", "label": 1}]}).json()
-    assert local["accepted"] == 1
+    twice = {"labels": [{"id": "r-2", "label": 1}, {"id": "r-2", "label": 1}]}  # made here, and in Redis
+    local = httpx.post(first.url + feedback, json=twice).json()
+    assert local["accepted"] == 1 and local["unknown"] == ["r-2"]  # the second label is not joined again
     taken = httpx.post(second.url + feedback, json={"labels": [{"id": "r-2", "label": 1}]}).json()
     assert taken["unknown"] == ["r-2"]  # joined where it was made: gone from Redis too
     samples = httpx.get(f"{second.url}/metrics").text
