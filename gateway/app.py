@@ -161,7 +161,7 @@ class Gateway:
 
     async def _sample_metrics(self) -> None:
         while True:
-            await asyncio.to_thread(self.metrics.refresh)  # the store's status may touch Redis
+            await asyncio.to_thread(self.metrics.refresh)  # it scans the metrics directory: off the loop
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def _serve_version(self, model: ServedModel, entry: ModelVersion) -> tuple[ServedVersion | None, str]:
